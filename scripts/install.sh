@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what runm needs on Debian 12 (as root): QEMU, the guest image's build tools, and runm
+# itself in a virtualenv (./.venv), linked into /usr/local/bin. `--dev` adds the test tools.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+
+APT_PACKAGES=(qemu-system-x86 runc busybox-static erofs-utils squashfs-tools mmdebstrap lz4
+              ca-certificates python3 python3-venv)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "runm: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+ln -sf "$PWD/.venv/bin/runm" /usr/local/bin/runm
+ln -sf "$PWD/.venv/bin/containerd-shim-runm-v2" /usr/local/bin/containerd-shim-runm-v2

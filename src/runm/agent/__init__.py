@@ -1,0 +1,1 @@
+"""runm.agent layer."""

@@ -1,0 +1,81 @@
+"""PID 1 duties in the guest: the filesystems runc and containers expect."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from runm.agent import sysapi
+
+# (source, target, fstype, options) - after switch_root only /dev (devtmpfs) is mounted.
+MOUNTS = [
+    ("proc", "/proc", "proc", ["nosuid", "nodev", "noexec"]),
+    ("sysfs", "/sys", "sysfs", ["nosuid", "nodev", "noexec"]),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", ["nosuid", "nodev", "noexec", "nsdelegate"]),
+    ("tmpfs", "/run", "tmpfs", ["nosuid", "nodev", "mode=755"]),
+    ("tmpfs", "/tmp", "tmpfs", ["nosuid", "nodev", "mode=1777"]),
+    ("devpts", "/dev/pts", "devpts", ["nosuid", "noexec", "gid=5", "mode=620", "ptmxmode=666"]),
+    ("tmpfs", "/dev/shm", "tmpfs", ["nosuid", "nodev", "mode=1777"]),
+    ("mqueue", "/dev/mqueue", "mqueue", ["nosuid", "nodev", "noexec"]),
+]
+
+DEV_LINKS = {
+    "/dev/fd": "/proc/self/fd",
+    "/dev/stdin": "/proc/self/fd/0",
+    "/dev/stdout": "/proc/self/fd/1",
+    "/dev/stderr": "/proc/self/fd/2",
+    "/dev/ptmx": "pts/ptmx",
+}
+
+
+def mounted_targets() -> set[str]:
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[1] for line in lines if len(line.split()) > 1}
+
+
+def setup_system() -> None:
+    """Mount what is missing; enable every cgroup v2 controller for containers."""
+    for source, target, fstype, options in MOUNTS:
+        if target in mounted_targets():
+            continue
+        os.makedirs(target, exist_ok=True)
+        try:
+            sysapi.mount(source, target, fstype, options)
+        except OSError as err:
+            if fstype == "cgroup2" and "nsdelegate" in options:
+                sysapi.mount(source, target, fstype, [o for o in options if o != "nsdelegate"])
+            else:
+                raise RuntimeError(str(err)) from err
+    for link, target in DEV_LINKS.items():
+        if not os.path.lexists(link):
+            with contextlib.suppress(OSError):
+                os.symlink(target, link)
+    enable_cgroup_controllers(Path("/sys/fs/cgroup"))
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    _loopback_up()
+
+
+def enable_cgroup_controllers(root: Path) -> None:
+    try:
+        available = (root / "cgroup.controllers").read_text().split()
+    except OSError:
+        return
+    for controller in available:
+        with contextlib.suppress(OSError):
+            (root / "cgroup.subtree_control").write_text(f"+{controller}")
+
+
+def _loopback_up() -> None:
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH", b"lo", 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(s, siocgifflags, req)[:18])[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH", b"lo", flags | iff_up))

@@ -1,0 +1,354 @@
+"""The agent's ttrpc service: containers and processes in the guest, driven through runc."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import struct
+import termios
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from runm.agent import stdio as stdio_copy
+from runm.agent import sysapi
+from runm.agent.reaper import Reaper
+from runm.agent.runc import Runc, RuncError, read_pid_file, remove_tree
+from runm.proto import agent as api
+from runm.proto.codec import Message
+from runm.ttrpc import CallContext, Code, Server, TtrpcError
+
+log = logging.getLogger("runm.agent")
+
+
+class StreamSource(Protocol):
+    """Where stdio streams come from: the mux on the io port."""
+
+    def open(self, stream_id: int) -> stdio_copy.Stream: ...
+
+
+@dataclass
+class ManagedProcess:
+    container_id: str
+    exec_id: str
+    pid: int = 0
+    status: asyncio.Future[int] | None = None
+    exited_at_ns: int = 0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    output_pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    tty_master: int = -1
+
+    def close(self, reaper: Reaper | None = None) -> None:
+        if reaper is not None and self.pid:
+            reaper.forget(self.pid)
+        for task in self.pumps:
+            task.cancel()
+        if self.tty_master >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.tty_master)
+            self.tty_master = -1
+
+
+@dataclass
+class ManagedContainer:
+    id: str
+    bundle: str
+    init: ManagedProcess
+    execs: dict[str, ManagedProcess] = field(default_factory=dict)
+
+
+class AgentService:
+    def __init__(self, reaper: Reaper, runc: Runc, *, streams: StreamSource | None = None,
+                 pid1: bool = False) -> None:
+        self.reaper = reaper
+        self.runc = runc
+        self.streams = streams
+        self.pid1 = pid1
+        self.containers: dict[str, ManagedContainer] = {}
+        self.shutdown_requested = asyncio.Event()
+
+    def register(self, server: Server) -> None:
+        handlers: dict[str, tuple[type[Message], Callable[[Any, CallContext], Awaitable[Message]]]]
+        handlers = {
+            "Setup": (api.SetupRequest, self.setup),
+            "Mount": (api.MountRequest, self.mount),
+            "CreateContainer": (api.CreateContainerRequest, self.create_container),
+            "StartContainer": (api.ContainerRequest, self.start_container),
+            "ExecProcess": (api.ExecProcessRequest, self.exec_process),
+            "WaitProcess": (api.ProcessRequest, self.wait_process),
+            "SignalProcess": (api.SignalRequest, self.signal_process),
+            "ResizePty": (api.ResizeRequest, self.resize_pty),
+            "DeleteContainer": (api.DeleteRequest, self.delete_container),
+            "State": (api.ContainerRequest, self.state),
+            "Shutdown": (api.Empty, self.shutdown),
+        }
+        for method, (request_type, handler) in handlers.items():
+            server.register_unary(api.SERVICE, method, request_type, handler)
+
+    # -- machine ---------------------------------------------------------------------------
+
+    async def setup(self, req: api.SetupRequest, ctx: CallContext) -> api.SetupResponse:
+        if self.pid1:
+            if req.time_ns:
+                time.clock_settime_ns(time.CLOCK_REALTIME, req.time_ns)
+            sysapi.add_entropy(req.entropy)
+            if req.hostname:
+                socket.sethostname(req.hostname)
+        return api.SetupResponse(kernel_release=os.uname().release, agent_pid=os.getpid())
+
+    async def mount(self, req: api.MountRequest, ctx: CallContext) -> api.Empty:
+        try:
+            os.makedirs(req.target, exist_ok=True)
+            await asyncio.get_running_loop().run_in_executor(
+                None, sysapi.mount, req.source, req.target, req.fstype, list(req.options))
+        except OSError as err:
+            raise TtrpcError(Code.INTERNAL, str(err)) from err
+        return api.Empty()
+
+    async def shutdown(self, req: api.Empty, ctx: CallContext) -> api.Empty:
+        self.shutdown_requested.set()
+        return api.Empty()
+
+    # -- containers ------------------------------------------------------------------------
+
+    def _container(self, container_id: str) -> ManagedContainer:
+        container = self.containers.get(container_id)
+        if container is None:
+            raise TtrpcError(Code.NOT_FOUND, "container does not exist")
+        return container
+
+    def _process(self, container_id: str, exec_id: str) -> ManagedProcess:
+        container = self._container(container_id)
+        if not exec_id:
+            return container.init
+        proc = container.execs.get(exec_id)
+        if proc is None:
+            raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} does not exist in {container_id}")
+        return proc
+
+    async def create_container(self, req: api.CreateContainerRequest,
+                               ctx: CallContext) -> api.CreateContainerResponse:
+        if req.id in self.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, "container with given ID already exists")
+        state_dir = self.runc.state_dir / req.id
+        state_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = state_dir / "init.pid"
+        proc = ManagedProcess(req.id, "")
+        args = ["create", "--bundle", req.bundle, "--pid-file", str(pid_file)]
+        if req.no_pivot:
+            args.append("--no-pivot")
+        stdio = req.stdio or api.Stdio()
+        try:
+            await self._launch(proc, args + [req.id], stdio, state_dir, pid_file)
+        except BaseException:
+            proc.close()
+            with contextlib.suppress(OSError):
+                remove_tree(state_dir)
+            raise
+        self.containers[req.id] = ManagedContainer(req.id, req.bundle, proc)
+        return api.CreateContainerResponse(pid=proc.pid)
+
+    async def start_container(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
+        self._container(req.id)
+        await self._runc(req.id, ["start", req.id])
+        return api.Empty()
+
+    async def exec_process(self, req: api.ExecProcessRequest,
+                           ctx: CallContext) -> api.ProcessResponse:
+        container = self._container(req.container_id)
+        if not req.exec_id or req.exec_id in container.execs:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"exec id {req.exec_id!r} already exists")
+        if container.init.exited.is_set():
+            raise TtrpcError(Code.FAILED_PRECONDITION, "cannot exec in a stopped container")
+        state_dir = self.runc.state_dir / req.container_id / "exec" / req.exec_id
+        state_dir.mkdir(parents=True, exist_ok=True)
+        spec = state_dir / "process.json"
+        spec.write_text(req.process_json)
+        pid_file = state_dir / "pid"
+        proc = ManagedProcess(req.container_id, req.exec_id)
+        args = ["exec", "--process", str(spec), "--detach", "--pid-file", str(pid_file),
+                req.container_id]
+        stdio = req.stdio or api.Stdio()
+        try:
+            await self._launch(proc, args, stdio, state_dir, pid_file)
+        except BaseException:
+            proc.close()
+            raise
+        container.execs[req.exec_id] = proc
+        return api.ProcessResponse(pid=proc.pid)
+
+    async def _launch(self, proc: ManagedProcess, args: list[str], stdio: api.Stdio,
+                      state_dir: Path, pid_file: Path) -> None:
+        """Run `runc create|exec` for proc with its stdio wired to mux streams."""
+        child_fds: list[int] = []
+        keep: list[tuple[str, int]] = []  # (direction, our end)
+        console: socket.socket | None = None
+        try:
+            if stdio.terminal:
+                console_path = state_dir / "console.sock"
+                with contextlib.suppress(FileNotFoundError):
+                    console_path.unlink()
+                console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                console.bind(str(console_path))
+                console.listen(1)
+                console.setblocking(False)
+                args = [args[0], "--console-socket", str(console_path), *args[1:]]
+                fds: list[int | None] = [None, None, None]
+            else:
+                fds = []
+                for direction, stream_id in (("in", stdio.stdin), ("out", stdio.stdout),
+                                             ("err", stdio.stderr)):
+                    if not stream_id:
+                        fds.append(None)
+                        continue
+                    r, w = os.pipe()
+                    ours, theirs = (w, r) if direction == "in" else (r, w)
+                    child_fds.append(theirs)
+                    keep.append((direction, ours))
+                    fds.append(theirs)
+            run = asyncio.ensure_future(self._runc(proc.container_id, args, stdin=fds[0],
+                                                   stdout=fds[1], stderr=fds[2]))
+            if console is not None:
+                proc.tty_master = await _receive_console(console, run)
+            await run
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+            if console is not None:
+                console.close()
+        proc.pid = read_pid_file(pid_file)
+        proc.status = self.reaper.watch(proc.pid)
+        proc.status.add_done_callback(lambda _: _mark_exited(proc))
+        self._wire_stdio(proc, stdio, keep)
+
+    def _wire_stdio(self, proc: ManagedProcess, stdio: api.Stdio,
+                    pipes: list[tuple[str, int]]) -> None:
+        if self.streams is None:
+            for _, fd in pipes:
+                os.close(fd)
+            return
+        streams = self.streams
+        if proc.tty_master >= 0:
+            master = proc.tty_master
+            if stdio.stdout:
+                out_fd = os.dup(master)
+                proc.output_pumps.append(asyncio.ensure_future(
+                    _copy_out_and_close(out_fd, streams.open(stdio.stdout), proc.exited)))
+            if stdio.stdin:
+                in_fd = os.dup(master)
+                proc.pumps.append(asyncio.ensure_future(
+                    stdio_copy.copy_stream_to_fd(streams.open(stdio.stdin), in_fd)))
+        else:
+            ids = {"in": stdio.stdin, "out": stdio.stdout, "err": stdio.stderr}
+            for direction, fd in pipes:
+                stream = streams.open(ids[direction])
+                if direction == "in":
+                    proc.pumps.append(asyncio.ensure_future(
+                        stdio_copy.copy_stream_to_fd(stream, fd)))
+                else:
+                    proc.output_pumps.append(asyncio.ensure_future(
+                        _copy_out_and_close(fd, stream, proc.exited)))
+        proc.pumps.extend(proc.output_pumps)
+
+    async def wait_process(self, req: api.ProcessRequest, ctx: CallContext) -> api.WaitResponse:
+        proc = self._process(req.container_id, req.exec_id)
+        assert proc.status is not None
+        status = await asyncio.shield(proc.status)
+        # The exit status is only final for the caller once its output has been flushed.
+        if proc.output_pumps:
+            await asyncio.wait(proc.output_pumps)
+        return api.WaitResponse(exit_status=status, exited_at_ns=proc.exited_at_ns)
+
+    async def signal_process(self, req: api.SignalRequest, ctx: CallContext) -> api.Empty:
+        proc = self._process(req.container_id, req.exec_id)
+        if proc.exited.is_set():
+            raise TtrpcError(Code.NOT_FOUND, "container not running" if not req.exec_id
+                             else "process already finished")
+        if req.exec_id:
+            try:
+                os.kill(proc.pid, req.signal)
+            except ProcessLookupError as err:
+                raise TtrpcError(Code.NOT_FOUND, "process already finished") from err
+            return api.Empty()
+        args = ["kill"] + (["--all"] if req.all else []) + [req.container_id, str(req.signal)]
+        await self._runc(req.container_id, args)
+        return api.Empty()
+
+    async def resize_pty(self, req: api.ResizeRequest, ctx: CallContext) -> api.Empty:
+        proc = self._process(req.container_id, req.exec_id)
+        if proc.tty_master < 0:
+            raise TtrpcError(Code.FAILED_PRECONDITION, "process has no terminal")
+        fcntl.ioctl(proc.tty_master, termios.TIOCSWINSZ,
+                    struct.pack("HHHH", req.rows, req.cols, 0, 0))
+        return api.Empty()
+
+    async def delete_container(self, req: api.DeleteRequest, ctx: CallContext) -> api.Empty:
+        container = self._container(req.id)
+        args = ["delete"] + (["--force"] if req.force else []) + [req.id]
+        await self._runc(req.id, args)
+        for proc in (container.init, *container.execs.values()):
+            proc.close(self.reaper)
+        del self.containers[req.id]
+        with contextlib.suppress(OSError):
+            remove_tree(self.runc.state_dir / req.id)
+        return api.Empty()
+
+    async def state(self, req: api.ContainerRequest, ctx: CallContext) -> api.StateResponse:
+        self._container(req.id)
+        try:
+            out = await self.runc.output(req.id, ["state", req.id])
+        except RuncError as err:
+            raise TtrpcError(Code.NOT_FOUND if "does not exist" in str(err) else Code.UNKNOWN,
+                             str(err)) from err
+        return api.StateResponse(state_json=json.dumps(json.loads(out)))
+
+    async def _runc(self, container_id: str, args: list[str], **fds: int | None) -> None:
+        try:
+            await self.runc.run(container_id, args, **fds)
+        except RuncError as err:
+            text = str(err)
+            code = Code.UNKNOWN
+            if "does not exist" in text:
+                code = Code.NOT_FOUND
+            elif "not running" in text or "not stopped" in text:
+                code = Code.FAILED_PRECONDITION
+            raise TtrpcError(code, text) from err
+
+
+def _mark_exited(proc: ManagedProcess) -> None:
+    proc.exited_at_ns = time.time_ns()
+    proc.exited.set()
+
+
+async def _copy_out_and_close(fd: int, stream: stdio_copy.Stream, exited: asyncio.Event) -> None:
+    try:
+        await stdio_copy.copy_fd_to_stream(fd, stream, exited)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def _receive_console(console: socket.socket, runc: asyncio.Future[None]) -> int:
+    """Accept runc's console-socket connection and take the pty master it sends."""
+    loop = asyncio.get_running_loop()
+    accept = asyncio.ensure_future(loop.sock_accept(console))
+    done, _ = await asyncio.wait({accept, runc}, return_when=asyncio.FIRST_COMPLETED)
+    if accept not in done:
+        accept.cancel()
+        await runc  # raises runc's error
+        raise TtrpcError(Code.INTERNAL, "runc did not send a console")
+    conn, _ = accept.result()
+    with conn:
+        conn.setblocking(True)
+        _, fds, _, _ = await loop.run_in_executor(None, socket.recv_fds, conn, 4096, 1)
+    if not fds:
+        raise TtrpcError(Code.INTERNAL, "runc sent no pty master on the console socket")
+    return fds[0]

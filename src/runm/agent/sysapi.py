@@ -1,0 +1,83 @@
+"""Thin wrappers over the Linux calls the agent needs that Python's os module lacks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import struct
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_RELATIME = 1 << 21
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+RB_POWER_OFF = 0x4321FEDC
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+_FLAG_OPTIONS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "relatime": MS_RELATIME,
+}
+
+_libc: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def split_mount_options(options: list[str]) -> tuple[int, str]:
+    """Mount flags and the fs-specific data string for a list like ["ro", "mode=755"]."""
+    flags = 0
+    data = []
+    for opt in options:
+        if opt in _FLAG_OPTIONS:
+            flags |= _FLAG_OPTIONS[opt]
+        elif opt and opt != "rw":
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def mount(source: str, target: str, fstype: str, options: list[str] | None = None) -> None:
+    flags, data = split_mount_options(options or [])
+    ret = libc().mount(
+        source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    _check(ret, f"mounting {fstype} {source} on {target}")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def power_off() -> None:
+    os.sync()
+    libc().reboot(RB_POWER_OFF)
+
+
+def add_entropy(seed: bytes) -> None:
+    """Credit seed to the kernel's pool and force a CRNG reseed (restored clones share state)."""
+    if not seed:
+        return
+    info = struct.pack("ii", len(seed) * 8, len(seed)) + seed
+    with open("/dev/urandom", "wb", buffering=0) as f:
+        fcntl.ioctl(f, RNDADDENTROPY, info)
+        fcntl.ioctl(f, RNDRESEEDCRNG)

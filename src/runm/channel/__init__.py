@@ -1,0 +1,1 @@
+"""runm.channel: byte streams between host and guest, and the stdio multiplexer."""

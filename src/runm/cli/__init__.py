@@ -1,0 +1,1 @@
+"""runm.cli layer."""

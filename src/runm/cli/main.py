@@ -1,0 +1,270 @@
+"""`runm`: the runc-compatible command line, plus runm's own verbs (`runm guest build`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import runm
+from runm.cli.logs import Logging
+from runm.cli.progress import Progress
+from runm.errors import RunmError
+
+RUNC_COMPAT_VERSION = "1.1.5"
+SPEC_VERSION = "1.0.2-dev"
+
+DESCRIPTION = """\
+runm runs OCI containers the way runc does, but each container gets its own lightweight
+virtual machine (QEMU: KVM where it works, TCG otherwise) with unmodified runc inside.
+Callers that drive runc (podman --runtime, containerd's runc shim, dockerd --add-runtime)
+can drive runm instead.
+"""
+
+EPILOG = """\
+environment:
+  RUNM_DATA_DIR      guest images and caches (default /var/lib/runm)
+  RUNM_ACCEL         force the accelerator (kvm or tcg); default: probe KVM, fall back to TCG
+  RUNM_BOOT_TIMEOUT  seconds to wait for the guest agent (default 90)
+  RUNM_AUTO_BUILD    0: never build the guest image implicitly (error if it is missing)
+
+exit status: 0 on success, 1 on any error; `run` exits with the container process's
+status (128+N when it died of signal N).
+"""
+
+
+def _data_dir() -> Path:
+    from runm.guest.image import default_data_dir
+
+    return default_data_dir()
+
+
+def ensure_guest_image(progress: Progress | None = None) -> object:
+    """The current guest image, built on first use unless RUNM_AUTO_BUILD=0."""
+    import os
+
+    from runm.guest.image import GuestImageError, ensure_image, find_image
+
+    progress = progress or Progress.for_stderr()
+    try:
+        if os.environ.get("RUNM_AUTO_BUILD", "1") == "0":
+            return find_image(_data_dir())
+        return ensure_image(_data_dir(), progress=progress.step)
+    except GuestImageError as err:
+        raise RunmError(str(err)) from None
+    finally:
+        progress.done()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from runm.guest.image import GuestImage
+    from runm.sandbox.bundle import load_bundle, validate_id
+    from runm.sandbox.run import RunOptions, run_container
+    from runm.sandbox.state import StateStore
+
+    validate_id(args.id)
+    if args.detach:
+        raise RunmError("runm run --detach is not supported yet: use runm run in the foreground")
+    bundle = load_bundle(args.bundle)
+    image = ensure_guest_image()
+    assert isinstance(image, GuestImage)
+    opts = RunOptions(container_id=args.id, bundle=bundle, store=StateStore(args.root),
+                      image=image, keep=args.keep, no_pivot=args.no_pivot,
+                      pid_file=args.pid_file)
+    return asyncio.run(run_container(opts))
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from runm.sandbox.state import StateStore
+
+    record = StateStore(args.root).load(args.id)
+    print(json.dumps(record.oci_state(), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from runm.sandbox.state import StateStore
+
+    store = StateStore(args.root)
+    records = []
+    if store.root.is_dir():
+        for entry in sorted(store.root.iterdir()):
+            try:
+                records.append(store.load(entry.name))
+            except RunmError:
+                continue
+    if args.quiet:
+        for record in records:
+            print(record.id)
+    elif args.format == "json":
+        print(json.dumps([r.oci_state() for r in records]))
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [(r.id, str(r.oci_state()["pid"]), r.status, r.bundle, r.created, r.owner or "root")
+                 for r in records]
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        for row in rows:
+            print("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from runm.sandbox.state import StateStore
+
+    store = StateStore(args.root)
+    try:
+        record = store.load(args.id)
+    except RunmError:
+        if args.force:
+            store.remove(args.id)
+            return 0
+        raise
+    if record.status not in ("stopped",) and not args.force:
+        raise RunmError(f"cannot delete container {args.id} that is not stopped: {record.status}")
+    store.remove(args.id)
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from runm.sandbox.spec import default_spec, write_spec
+
+    bundle = Path(args.bundle or ".")
+    write_spec(bundle, default_spec(rootless=args.rootless), overwrite=False)
+    return 0
+
+
+def cmd_guest_build(args: argparse.Namespace) -> int:
+    from runm.guest.image import GuestImageError, build_image
+
+    progress = Progress.for_stderr()
+    try:
+        image = build_image(_data_dir(), progress=progress.step, force=args.force)
+    except GuestImageError as err:
+        raise RunmError(str(err)) from None
+    finally:
+        progress.done()
+    print(image.rootfs.parent)
+    return 0
+
+
+def cmd_guest_path(args: argparse.Namespace) -> int:
+    from runm.guest.image import GuestImageError, find_image
+
+    try:
+        image = find_image(_data_dir())
+    except GuestImageError as err:
+        raise RunmError(str(err)) from None
+    print(json.dumps({"kernel": str(image.kernel), "initrd": str(image.initrd),
+                      "rootfs": str(image.rootfs), "digest": image.digest,
+                      "kernel_release": image.kernel_release}, indent=2))
+    return 0
+
+
+def version_text() -> str:
+    return (f"runc version {RUNC_COMPAT_VERSION}\nrunm: {runm.__version__}\n"
+            f"spec: {SPEC_VERSION}\npython: {sys.version.split()[0]}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runm", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="runm [global options] command [command options] [arguments...]")
+    g = parser.add_argument_group("global options (runc's)")
+    g.add_argument("--debug", action="store_true", help="enable debug logging")
+    g.add_argument("--log", metavar="FILE", help="write logs to FILE (default: stderr)")
+    g.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log format: text (default) or json, as runc writes them")
+    g.add_argument("--root", metavar="DIR", default="/run/runm",
+                   help="directory for container state (default: /run/runm)")
+    g.add_argument("--criu", metavar="PATH", help="accepted for runc compatibility; unused")
+    g.add_argument("--systemd-cgroup", action="store_true",
+                   help="accepted for runc compatibility (cgroups live in the guest)")
+    g.add_argument("--rootless", default="auto", help="accepted for runc compatibility")
+    g.add_argument("-v", "--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    run = sub.add_parser(
+        "run", help="create and run a container in its own VM",
+        description="Create and run a container in a new VM from the bundle, attached to "
+                    "runm's stdin, stdout and stderr. runm exits with the container "
+                    "process's exit status; the VM is gone when it returns and the container "
+                    "is deleted unless --keep is given.",
+        usage="runm run [command options] <container-id>")
+    run.add_argument("id", nargs="?", default="", metavar="container-id")
+    run.add_argument("-b", "--bundle", metavar="DIR",
+                     help="path to the bundle (default: current directory)")
+    run.add_argument("--console-socket", metavar="PATH",
+                     help="unix socket to receive the pty master (for terminal containers)")
+    run.add_argument("-d", "--detach", action="store_true", help="detach from the container")
+    run.add_argument("--keep", action="store_true",
+                     help="keep the container's state after it exits (delete it with "
+                          "`runm delete`)")
+    run.add_argument("--pid-file", metavar="PATH", help="write the process id to PATH")
+    run.add_argument("--no-subreaper", action="store_true", help="accepted; no effect")
+    run.add_argument("--no-pivot", action="store_true",
+                     help="do not use pivot_root in the guest (passed to the guest's runc)")
+    run.add_argument("--no-new-keyring", action="store_true", help="accepted; no effect")
+    run.add_argument("--preserve-fds", type=int, default=0, help="accepted; not supported")
+    run.set_defaults(func=cmd_run)
+
+    state = sub.add_parser("state", help="output the state of a container",
+                           usage="runm state <container-id>")
+    state.add_argument("id", nargs="?", default="", metavar="container-id")
+    state.set_defaults(func=cmd_state)
+
+    lst = sub.add_parser("list", aliases=["ls"], help="list containers started by runm")
+    lst.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    lst.add_argument("-q", "--quiet", action="store_true", help="display only container IDs")
+    lst.set_defaults(func=cmd_list)
+
+    delete = sub.add_parser("delete", help="delete a container's state",
+                            usage="runm delete [-f] <container-id>")
+    delete.add_argument("id", nargs="?", default="", metavar="container-id")
+    delete.add_argument("-f", "--force", action="store_true",
+                        help="delete even if running; succeed if it does not exist")
+    delete.set_defaults(func=cmd_delete)
+
+    spec = sub.add_parser("spec", help="create a new specification file (config.json)")
+    spec.add_argument("-b", "--bundle", metavar="DIR", help="where to write config.json")
+    spec.add_argument("--rootless", action="store_true", help="a spec for rootless containers")
+    spec.set_defaults(func=cmd_spec)
+
+    guest = sub.add_parser("guest", help="manage the guest image (kernel, initramfs, root)")
+    guest_sub = guest.add_subparsers(dest="guest_command", metavar="command")
+    build = guest_sub.add_parser("build", help="build the guest image (cached by content hash)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(func=cmd_guest_build)
+    path = guest_sub.add_parser("path", help="print the paths of the current guest image")
+    path.set_defaults(func=cmd_guest_path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        sys.stdout.write(version_text())
+        return 0
+    logs = Logging(args.log, args.log_format, args.debug)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 1
+    try:
+        if getattr(args, "id", None) is not None and args.command != "run":
+            from runm.sandbox.bundle import validate_id
+
+            validate_id(args.id)
+        return int(func(args))
+    except RunmError as err:
+        logs.fatal(err.message)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

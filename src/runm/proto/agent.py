@@ -1,0 +1,121 @@
+"""The host<->guest agent API (ttrpc service `runm.agent.v1.Agent`).
+
+Stdio does not travel in these messages: each process's stdin/stdout/stderr is a stream on the
+stdio multiplexer (the second virtio-serial port), named here by its stream id (0 = none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runm.proto.codec import Message, pfield
+
+SERVICE = "runm.agent.v1.Agent"
+
+
+@dataclass
+class Empty(Message):
+    pass
+
+
+@dataclass
+class SetupRequest(Message):
+    """Sent once per boot or restore, before anything else: the guest's clock and entropy."""
+
+    time_ns: int = pfield(1, "int64")
+    entropy: bytes = pfield(2, "bytes")
+    hostname: str = pfield(3, "string")
+
+
+@dataclass
+class SetupResponse(Message):
+    kernel_release: str = pfield(1, "string")
+    agent_pid: int = pfield(2, "uint32")
+
+
+@dataclass
+class MountRequest(Message):
+    source: str = pfield(1, "string")
+    target: str = pfield(2, "string")
+    fstype: str = pfield(3, "string")
+    options: list[str] = pfield(4, "string", repeated=True)
+
+
+@dataclass
+class Stdio(Message):
+    stdin: int = pfield(1, "uint32")
+    stdout: int = pfield(2, "uint32")
+    stderr: int = pfield(3, "uint32")
+    terminal: bool = pfield(4, "bool")
+
+
+@dataclass
+class CreateContainerRequest(Message):
+    id: str = pfield(1, "string")
+    bundle: str = pfield(2, "string")
+    stdio: Stdio | None = pfield(3, "message", message=Stdio)
+    no_pivot: bool = pfield(4, "bool")
+
+
+@dataclass
+class CreateContainerResponse(Message):
+    pid: int = pfield(1, "uint32")
+
+
+@dataclass
+class ContainerRequest(Message):
+    id: str = pfield(1, "string")
+
+
+@dataclass
+class ExecProcessRequest(Message):
+    container_id: str = pfield(1, "string")
+    exec_id: str = pfield(2, "string")
+    process_json: str = pfield(3, "string")
+    stdio: Stdio | None = pfield(4, "message", message=Stdio)
+
+
+@dataclass
+class ProcessRequest(Message):
+    container_id: str = pfield(1, "string")
+    exec_id: str = pfield(2, "string")
+
+
+@dataclass
+class ProcessResponse(Message):
+    pid: int = pfield(1, "uint32")
+
+
+@dataclass
+class WaitResponse(Message):
+    exit_status: int = pfield(1, "uint32")
+    exited_at_ns: int = pfield(2, "int64")
+
+
+@dataclass
+class SignalRequest(Message):
+    container_id: str = pfield(1, "string")
+    exec_id: str = pfield(2, "string")
+    signal: int = pfield(3, "uint32")
+    all: bool = pfield(4, "bool")
+
+
+@dataclass
+class ResizeRequest(Message):
+    container_id: str = pfield(1, "string")
+    exec_id: str = pfield(2, "string")
+    rows: int = pfield(3, "uint32")
+    cols: int = pfield(4, "uint32")
+
+
+@dataclass
+class DeleteRequest(Message):
+    id: str = pfield(1, "string")
+    force: bool = pfield(2, "bool")
+
+
+@dataclass
+class StateResponse(Message):
+    """runc's `state` JSON, as the guest's runc printed it."""
+
+    state_json: str = pfield(1, "string")

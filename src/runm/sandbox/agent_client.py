@@ -1,0 +1,66 @@
+"""Typed calls of the guest agent's API over a ttrpc client."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from runm.proto import agent as api
+from runm.proto.codec import Message
+from runm.ttrpc import Client
+
+R = TypeVar("R", bound=Message)
+
+
+class AgentClient:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def _call(self, method: str, request: Message, response_type: type[R],
+                    timeout: float | None = None) -> R:
+        return await self.client.call(api.SERVICE, method, request, response_type,
+                                      timeout=timeout)
+
+    async def setup(self, time_ns: int, entropy: bytes, hostname: str = "",
+                    timeout: float | None = None) -> api.SetupResponse:
+        return await self._call("Setup", api.SetupRequest(time_ns, entropy, hostname),
+                                api.SetupResponse, timeout)
+
+    async def mount(self, source: str, target: str, fstype: str, options: list[str]) -> None:
+        await self._call("Mount", api.MountRequest(source, target, fstype, options), api.Empty)
+
+    async def create_container(self, container_id: str, bundle: str, stdio: api.Stdio,
+                               *, no_pivot: bool = False) -> int:
+        req = api.CreateContainerRequest(container_id, bundle, stdio, no_pivot)
+        return (await self._call("CreateContainer", req, api.CreateContainerResponse)).pid
+
+    async def start_container(self, container_id: str) -> None:
+        await self._call("StartContainer", api.ContainerRequest(container_id), api.Empty)
+
+    async def exec_process(self, container_id: str, exec_id: str, process_json: str,
+                           stdio: api.Stdio) -> int:
+        req = api.ExecProcessRequest(container_id, exec_id, process_json, stdio)
+        return (await self._call("ExecProcess", req, api.ProcessResponse)).pid
+
+    async def wait_process(self, container_id: str, exec_id: str = "") -> api.WaitResponse:
+        return await self._call("WaitProcess", api.ProcessRequest(container_id, exec_id),
+                                api.WaitResponse)
+
+    async def signal_process(self, container_id: str, signal: int, exec_id: str = "",
+                             all: bool = False) -> None:
+        await self._call("SignalProcess", api.SignalRequest(container_id, exec_id, signal, all),
+                         api.Empty)
+
+    async def resize_pty(self, container_id: str, rows: int, cols: int,
+                         exec_id: str = "") -> None:
+        await self._call("ResizePty", api.ResizeRequest(container_id, exec_id, rows, cols),
+                         api.Empty)
+
+    async def delete_container(self, container_id: str, force: bool = False) -> None:
+        await self._call("DeleteContainer", api.DeleteRequest(container_id, force), api.Empty)
+
+    async def state(self, container_id: str) -> str:
+        resp = await self._call("State", api.ContainerRequest(container_id), api.StateResponse)
+        return resp.state_json
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await self._call("Shutdown", api.Empty(), api.Empty, timeout)

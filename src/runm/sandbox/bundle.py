@@ -1,0 +1,81 @@
+"""Reading and checking an OCI bundle the way runc does, with runc's error texts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runm.errors import RunmError
+
+# runc 1.1: libcontainer's idRegex plus its clean-path check.
+_ID_RE = re.compile(r"^[\w+\-.]+$")
+
+
+def validate_id(container_id: str) -> None:
+    if not container_id:
+        raise RunmError("container id cannot be empty")
+    if (not _ID_RE.match(container_id) or container_id in (".", "..")
+            or os.path.normpath("/" + container_id) != "/" + container_id):
+        raise RunmError(f"invalid container id format: {container_id}")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path  # absolute
+    spec: dict[str, Any]
+
+    @property
+    def rootfs(self) -> Path:
+        root = self.spec.get("root") or {}
+        rootfs = Path(str(root.get("path", "rootfs")))
+        return rootfs if rootfs.is_absolute() else self.path / rootfs
+
+    @property
+    def terminal(self) -> bool:
+        return bool((self.spec.get("process") or {}).get("terminal", False))
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.spec.get("annotations") or {})
+
+    def namespaces(self) -> set[str]:
+        linux = self.spec.get("linux") or {}
+        return {str(ns.get("type")) for ns in linux.get("namespaces") or []}
+
+
+def load_bundle(bundle: str | os.PathLike[str] | None) -> Bundle:
+    """Load <bundle>/config.json (bundle defaults to the cwd) and check what runc checks."""
+    path = Path(os.path.abspath(bundle if bundle else os.getcwd()))
+    if not path.is_dir():
+        what = "no such file or directory" if not path.exists() else "not a directory"
+        raise RunmError(f"chdir {path}: {what}")
+    config = path / "config.json"
+    try:
+        text = config.read_text()
+    except FileNotFoundError:
+        raise RunmError("JSON specification file config.json not found") from None
+    except OSError as err:
+        raise RunmError(f"open {config}: {err.strerror}") from None
+    try:
+        spec = json.loads(text)
+    except ValueError as err:
+        raise RunmError(f"parsing {config}: invalid JSON: {err}") from None
+    if not isinstance(spec, dict):
+        raise RunmError(f"parsing {config}: the specification must be a JSON object")
+    process = spec.get("process")
+    if process is not None and not isinstance(process, dict):
+        raise RunmError(f"parsing {config}: process must be an object")
+    if not isinstance(spec.get("root", {}), dict):
+        raise RunmError(f"parsing {config}: root must be an object")
+    result = Bundle(path, spec)
+    if not result.rootfs.is_dir():
+        raise RunmError(f"invalid rootfs: stat {result.rootfs}: no such file or directory")
+    if process is None:
+        raise RunmError("process not found in config")  # runc: spec validation
+    if not process.get("args"):
+        raise RunmError("args must not be empty")
+    return result

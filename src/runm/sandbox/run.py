@@ -1,0 +1,216 @@
+"""`runm run` in the foreground: a container in its own VM, attached to the caller's stdio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import termios
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runm.errors import RunmError
+from runm.guest.image import GuestImage
+from runm.proto import agent as api
+from runm.sandbox import hoststdio
+from runm.sandbox.bundle import Bundle
+from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
+from runm.sandbox.state import ContainerRecord, StateStore
+from runm.ttrpc import TtrpcError
+from runm.vm.base import Share
+
+log = logging.getLogger("runm.run")
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+STDIN_STREAM, STDOUT_STREAM, STDERR_STREAM = 1, 3, 5
+
+
+@dataclass
+class RunOptions:
+    container_id: str
+    bundle: Bundle
+    store: StateStore
+    image: GuestImage
+    keep: bool = False
+    no_pivot: bool = False
+    pid_file: str | None = None
+    stdin: int = 0
+    stdout: int = 1
+    stderr: int = 2
+    timings: Timings = field(default_factory=Timings)
+
+
+def bundle_shares(bundle: Bundle) -> list[Share]:
+    """The bundle, and the rootfs when it lives elsewhere, at their host paths."""
+    shares = [Share("bundle", bundle.path, str(bundle.path))]
+    rootfs = bundle.rootfs.resolve()
+    if not rootfs.is_relative_to(bundle.path):
+        shares.append(Share("rootfs", rootfs, str(rootfs)))
+    return shares
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """runc's format: digits only, no newline, written atomically."""
+    target = Path(path).absolute()
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(str(pid))
+    tmp.replace(target)
+
+
+class _RawTerminal:
+    """Put the caller's terminal in raw mode for a container with its own pty."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.saved: list[object] | None = None
+
+    def __enter__(self) -> _RawTerminal:
+        if os.isatty(self.fd):
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+def _window_size(fd: int) -> tuple[int, int] | None:
+    import fcntl
+    import struct
+
+    for candidate in (fd, 0, 1, 2):
+        try:
+            rows, cols, _, _ = struct.unpack(
+                "HHHH", fcntl.ioctl(candidate, termios.TIOCGWINSZ, b"\0" * 8))
+        except OSError:
+            continue
+        return rows, cols
+    return None
+
+
+async def run_container(opts: RunOptions) -> int:
+    """Run the bundle's process in a fresh VM; return its exit status (128+N for signal N)."""
+    cid = opts.container_id
+    bundle = opts.bundle
+    record = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
+                             annotations=bundle.annotations, pid=os.getpid())
+    opts.store.create(record)
+    run_dir = vm_run_dir(opts.store.root, cid)
+    record.vm = {"run_dir": str(run_dir)}
+    sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle))
+    loop = asyncio.get_running_loop()
+    interrupted: list[int] = []
+    started = asyncio.Event()
+    agent_ready = False
+
+    def on_signal(signum: int) -> None:
+        if not started.is_set():
+            interrupted.append(signum)
+            main.cancel()
+            return
+        if sandbox.agent is not None:
+            task = loop.create_task(_forward(sandbox, cid, signum))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    pending: set[asyncio.Task[None]] = set()
+    main = asyncio.current_task()
+    assert main is not None
+    for signum in FORWARDED_SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+    terminal = bundle.terminal
+    status = 255
+    try:
+        record.vm["qemu_pid"] = 0
+        await sandbox.boot(opts.timings)
+        record.vm["qemu_pid"] = sandbox.vm.pid
+        opts.store.save(record)
+        agent, mux = sandbox.agent, sandbox.mux
+        assert agent is not None and mux is not None
+        agent_ready = True
+        stdio = api.Stdio(stdin=STDIN_STREAM, stdout=STDOUT_STREAM,
+                          stderr=0 if terminal else STDERR_STREAM, terminal=terminal)
+        try:
+            await agent.create_container(cid, str(bundle.path), stdio, no_pivot=opts.no_pivot)
+        except TtrpcError as err:
+            raise RunmError(err.message) from None
+        opts.timings.mark("runc_create")
+        record.status = "created"
+        opts.store.save(record)
+        if opts.pid_file:
+            write_pid_file(opts.pid_file, os.getpid())
+        with _RawTerminal(opts.stdin) if terminal else contextlib.nullcontext():
+            if terminal:
+                size = _window_size(opts.stdin)
+                if size:
+                    await agent.resize_pty(cid, *size)
+                loop.add_signal_handler(signal.SIGWINCH, on_signal, signal.SIGWINCH)
+            outputs = [hoststdio.copy_stream_to_fd(mux.open(STDOUT_STREAM), opts.stdout)]
+            if not terminal:
+                outputs.append(hoststdio.copy_stream_to_fd(mux.open(STDERR_STREAM), opts.stderr))
+            hoststdio.copy_fd_to_stream(opts.stdin, mux.open(STDIN_STREAM))
+            try:
+                await agent.start_container(cid)
+            except TtrpcError as err:
+                raise RunmError(err.message) from None
+            opts.timings.mark("runc_start")
+            started.set()
+            record.status = "running"
+            opts.store.save(record)
+            waited = await agent.wait_process(cid)
+            status = waited.exit_status
+            opts.timings.mark("process_run")
+            await asyncio.gather(*outputs, return_exceptions=True)
+        record.status = "stopped"
+        opts.store.save(record)
+        return status
+    except asyncio.CancelledError:
+        if interrupted:
+            return 128 + interrupted[0]
+        raise
+    except TtrpcError as err:
+        raise RunmError(err.message) from None
+    except ConnectionError as err:
+        if sandbox.vm.exited():
+            raise RunmError(f"VM exited unexpectedly\n{sandbox.vm.console_tail(10)}") from None
+        raise RunmError(f"lost the guest agent: {err}") from None
+    finally:
+        for signum in (*FORWARDED_SIGNALS, signal.SIGWINCH):
+            loop.remove_signal_handler(signum)
+        for task in pending:
+            task.cancel()
+        if agent_ready and opts.keep:
+            record.status = "stopped"
+            opts.store.save(record)
+        await sandbox.close()
+        opts.timings.mark("teardown")
+        if not opts.keep or not agent_ready:
+            opts.store.remove(cid)
+        _dump_timings(opts.timings)
+
+
+async def _forward(sandbox: Sandbox, cid: str, signum: int) -> None:
+    assert sandbox.agent is not None
+    try:
+        if signum == signal.SIGWINCH:
+            size = _window_size(0)
+            if size:
+                await sandbox.agent.resize_pty(cid, *size)
+            return
+        await sandbox.agent.signal_process(cid, signum)
+    except (TtrpcError, ConnectionError) as err:
+        log.debug("forwarding signal %d: %s", signum, err)
+
+
+def _dump_timings(timings: Timings) -> None:
+    path = os.environ.get("RUNM_TIMINGS")
+    if not path:
+        return
+    with contextlib.suppress(OSError), open(path, "a") as f:
+        f.write(json.dumps(timings.phases) + "\n")

@@ -1,0 +1,105 @@
+"""Container state on disk under --root: one directory per container, like runc's."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runm.errors import RunmError
+
+DEFAULT_ROOT = Path("/run/runm")
+
+
+def rfc3339_now() -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond * 1000:09d}Z"
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    bundle: str
+    rootfs: str
+    status: str = "creating"
+    pid: int = 0
+    created: str = field(default_factory=rfc3339_now)
+    annotations: dict[str, str] = field(default_factory=dict)
+    owner: str = ""
+    vm: dict[str, Any] = field(default_factory=dict)
+
+    def oci_state(self) -> dict[str, Any]:
+        """runc's `state` JSON shape."""
+        state: dict[str, Any] = {
+            "ociVersion": "1.0.2-dev",
+            "id": self.id,
+            "pid": self.pid if self.status in ("created", "running", "paused") else 0,
+            "status": self.status,
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+        }
+        if self.annotations:
+            state["annotations"] = self.annotations
+        state["owner"] = self.owner
+        return state
+
+
+class StateStore:
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root else DEFAULT_ROOT
+
+    def dir(self, container_id: str) -> Path:
+        return self.root / container_id
+
+    def create(self, record: ContainerRecord) -> None:
+        """Claim the id atomically; fails if it is in use."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        except OSError as err:
+            raise RunmError(f"creating state root {self.root}: {err.strerror}") from None
+        try:
+            self.dir(record.id).mkdir(mode=0o711)
+        except FileExistsError:
+            raise RunmError("container with given ID already exists") from None
+        self.save(record)
+
+    def save(self, record: ContainerRecord) -> None:
+        path = self.dir(record.id) / "state.json"
+        tmp = path.with_name(".state.json.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(record)))
+        tmp.replace(path)
+
+    def load(self, container_id: str) -> ContainerRecord:
+        try:
+            data = json.loads((self.dir(container_id) / "state.json").read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            raise RunmError("container does not exist") from None
+        except ValueError as err:
+            raise RunmError(f"reading state of {container_id}: {err}") from None
+        return ContainerRecord(**data)
+
+    def remove(self, container_id: str) -> None:
+        shutil.rmtree(self.dir(container_id), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self, container_id: str) -> Iterator[None]:
+        """Serialize state changes of one container across runm invocations."""
+        path = self.dir(container_id) / ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise RunmError("container does not exist") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)

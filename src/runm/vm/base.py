@@ -1,0 +1,74 @@
+"""What runm needs from a hypervisor, independent of which one runs the guest."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CTL_PORT = "runm.ctl"
+IO_PORT = "runm.io"
+
+
+class VMError(Exception):
+    """The VM could not be started or died; the message says why (with the console tail)."""
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory visible in the guest at guest_path."""
+
+    tag: str
+    host_path: Path
+    guest_path: str
+    readonly: bool = False
+
+
+@dataclass
+class VMConfig:
+    name: str
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    run_dir: Path
+    memory_mib: int = 512
+    cpus: int = 1
+    shares: list[Share] = field(default_factory=list)
+    ports: tuple[str, ...] = (CTL_PORT, IO_PORT)
+    kernel_args: list[str] = field(default_factory=list)
+    accel: str | None = None  # None: probe (kvm where it really boots, else tcg)
+
+
+class VirtualMachine(abc.ABC):
+    """One guest. start() returns once the hypervisor runs; the agent comes up later."""
+
+    def __init__(self, config: VMConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def port_path(self, name: str) -> Path:
+        """Host-side unix socket of the virtio-serial (or vsock) port `name`."""
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int: ...
+
+    @abc.abstractmethod
+    def exited(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def wait_exit(self) -> int: ...
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the hypervisor to quit; kill it (and its helpers) after timeout."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Kill the hypervisor and its helpers now; never raises."""
+
+    @abc.abstractmethod
+    def console_tail(self, lines: int = 20) -> str: ...

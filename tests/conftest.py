@@ -1,0 +1,100 @@
+"""Shared fixtures: the runm CLI as a subprocess, the guest image, and leak checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LEAK_PATTERNS = ("qemu-system", "virtiofsd")
+
+
+def vm_processes() -> dict[int, str]:
+    """pid -> cmdline of every QEMU and virtiofsd on the host."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(p in cmdline.split(" ", 1)[0] for p in LEAK_PATTERNS):
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def runm_mounts() -> list[str]:
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return [line for line in lines if "virtiofs" in line or "runm" in line]
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    """Poll predicate until true or timeout (a bounded readiness check, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@dataclass
+class Runm:
+    root: Path
+    env: dict[str, str]
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "runm.cli.main", "--root", str(self.root), *args]
+
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.argv(*args), input=input, capture_output=True,
+                              timeout=timeout, env=env or self.env, check=False)
+
+    def popen(self, *args: str, **kwargs: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(*args), env=self.env, **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def runm(tmp_path: Path) -> Runm:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src")
+    return Runm(root=tmp_path / "state", env=env)
+
+
+@pytest.fixture(scope="session")
+def guest_image():  # type: ignore[no-untyped-def]
+    from runm.guest.image import default_data_dir, ensure_image
+
+    return ensure_image(default_data_dir())
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a QEMU, a virtiofsd or a mount behind."""
+    before = set(vm_processes())
+    mounts_before = set(runm_mounts())
+    yield
+    leaked: dict[int, str] = {}
+
+    def clean() -> bool:
+        nonlocal leaked
+        leaked = {p: c for p, c in vm_processes().items() if p not in before}
+        return not leaked
+
+    ok = wait_until(clean, timeout=15)
+    for pid in leaked:  # do not let one leak cascade into every later test
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert ok, f"leaked processes: {leaked}"
+    assert set(runm_mounts()) <= mounts_before, f"leaked mounts: {set(runm_mounts()) - mounts_before}"

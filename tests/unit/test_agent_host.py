@@ -1,0 +1,199 @@
+"""The guest agent's service, run on the host as a real process driving the host's real runc.
+
+The agent code is the same that runs as PID 1 in the guest; here it is a subreaper serving two
+socketpairs, so its logic (runc calls, stdio, exit statuses, errors) is tested and measured
+without booting a VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from runm.channel.mux import Mux
+from runm.channel.stream import AsyncioByteStream
+from runm.proto import agent as api
+from runm.sandbox.agent_client import AgentClient
+from runm.sandbox.spec import make_busybox_bundle
+from runm.ttrpc import Client, Code, TtrpcError
+
+pytestmark = pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc on the host")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Agent:
+    def __init__(self, client: AgentClient, mux: Mux, tmp: Path) -> None:
+        self.client = client
+        self.mux = mux
+        self.tmp = tmp
+
+    def bundle(self, name: str, *args: str, terminal: bool = False) -> str:
+        path = make_busybox_bundle(self.tmp / name, list(args), terminal=terminal)
+        config = json.loads((path / "config.json").read_text())
+        config["root"]["readonly"] = False
+        (path / "config.json").write_text(json.dumps(config))
+        return str(path)
+
+
+@asynccontextmanager
+async def agent_process(tmp_path: Path) -> AsyncIterator[Agent]:
+    ctl_host, ctl_agent = socket.socketpair()
+    io_host, io_agent = socket.socketpair()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runm.agent", "--ctl-fd", str(ctl_agent.fileno()),
+         "--io-fd", str(io_agent.fileno()), "--runc-root", str(tmp_path / "runc"),
+         "--state-dir", str(tmp_path / "agent")],
+        pass_fds=(ctl_agent.fileno(), io_agent.fileno()), env=env)
+    ctl_agent.close()
+    io_agent.close()
+    ctl = AsyncioByteStream(*await asyncio.open_connection(sock=ctl_host))
+    io = AsyncioByteStream(*await asyncio.open_connection(sock=io_host))
+    client = Client(ctl)
+    mux = Mux(io)
+    await mux.start()
+    try:
+        yield Agent(AgentClient(client), mux, tmp_path)
+    finally:
+        for cid in os.listdir(tmp_path / "runc") if (tmp_path / "runc").exists() else []:
+            subprocess.run(["runc", "--root", str(tmp_path / "runc"), "delete", "-f", cid],
+                           capture_output=True, check=False)
+        try:
+            await AgentClient(client).shutdown(timeout=5)
+        except (TtrpcError, ConnectionError, TimeoutError):
+            pass
+        await client.aclose()
+        await mux.aclose()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def read_all(stream) -> bytes:  # type: ignore[no-untyped-def]
+    chunks = []
+    while chunk := await stream.read():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_create_start_wait_with_stdio(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            b = agent.bundle("b1", "sh", "-c", "read x; echo got $x; echo err >&2; exit 5")
+            stdio = api.Stdio(stdin=1, stdout=3, stderr=5)
+            pid = await agent.client.create_container("c1", b, stdio)
+            assert pid > 0
+            out, err = agent.mux.open(3), agent.mux.open(5)
+            stdin = agent.mux.open(1)
+            await stdin.write(b"hello\n")
+            await stdin.write_eof()
+            await agent.client.start_container("c1")
+            waited = await agent.client.wait_process("c1")
+            assert waited.exit_status == 5
+            assert waited.exited_at_ns > 0
+            assert await read_all(out) == b"got hello\n"
+            assert await read_all(err) == b"err\n"
+            state = json.loads(await agent.client.state("c1"))
+            assert state["status"] == "stopped"
+            await agent.client.delete_container("c1")
+            with pytest.raises(TtrpcError) as exc:
+                await agent.client.state("c1")
+            assert exc.value.code == Code.NOT_FOUND
+    run(body())
+
+
+def test_signals_and_errors(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            b = agent.bundle("b2", "sleep", "600")
+            await agent.client.create_container("c2", b, api.Stdio())
+            with pytest.raises(TtrpcError) as dup:
+                await agent.client.create_container("c2", b, api.Stdio())
+            assert dup.value.code == Code.ALREADY_EXISTS
+            await agent.client.start_container("c2")
+            with pytest.raises(TtrpcError) as busy:
+                await agent.client.delete_container("c2")
+            assert "not stopped" in busy.value.message
+            await agent.client.signal_process("c2", signal.SIGKILL)
+            assert (await agent.client.wait_process("c2")).exit_status == 137
+            with pytest.raises(TtrpcError) as stopped:
+                await agent.client.signal_process("c2", signal.SIGTERM)
+            assert stopped.value.code == Code.NOT_FOUND
+            assert "not running" in stopped.value.message
+            await agent.client.delete_container("c2")
+            for call in (agent.client.start_container("nope"), agent.client.wait_process("nope"),
+                         agent.client.delete_container("nope")):
+                with pytest.raises(TtrpcError) as missing:
+                    await call
+                assert missing.value.code == Code.NOT_FOUND
+                assert missing.value.message == "container does not exist"
+    run(body())
+
+
+def test_runc_errors_come_back_in_runcs_words(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            b = Path(agent.bundle("b3", "/no/such/binary"))
+            with pytest.raises(TtrpcError) as exc:
+                await agent.client.create_container("c3", str(b), api.Stdio())
+            assert 'exec: "/no/such/binary": stat /no/such/binary: no such file or directory' \
+                in exc.value.message
+            with pytest.raises(TtrpcError) as gone:
+                await agent.client.state("c3")
+            assert gone.value.code == Code.NOT_FOUND
+            shutil.rmtree(b / "rootfs")
+            with pytest.raises(TtrpcError) as bad:
+                await agent.client.create_container("c4", str(b), api.Stdio())
+            assert "rootfs" in bad.value.message
+            assert not (tmp_path / "agent" / "c4").exists()
+    run(body())
+
+
+def test_exec_and_terminal(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            b = agent.bundle("b5", "sh", "-c", "stty size; echo tty-ok; sleep 600",
+                             terminal=True)
+            await agent.client.create_container("c5", b, api.Stdio(stdin=1, stdout=3,
+                                                                    terminal=True))
+            await agent.client.resize_pty("c5", 33, 101)
+            out = agent.mux.open(3)
+            await agent.client.start_container("c5")
+            seen = b""
+            while b"tty-ok" not in seen:
+                seen += await out.read()
+            assert b"33 101" in seen
+            process = {"args": ["sh", "-c", "echo from exec; exit 4"], "cwd": "/",
+                       "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}
+            pid = await agent.client.exec_process("c5", "e1", json.dumps(process),
+                                                  api.Stdio(stdout=7))
+            assert pid > 0
+            assert (await agent.client.wait_process("c5", "e1")).exit_status == 4
+            assert await read_all(agent.mux.open(7)) == b"from exec\n"
+            with pytest.raises(TtrpcError) as dup:
+                await agent.client.exec_process("c5", "e1", json.dumps(process), api.Stdio())
+            assert dup.value.code == Code.ALREADY_EXISTS
+            with pytest.raises(TtrpcError) as notty:
+                await agent.client.resize_pty("c5", 1, 1, exec_id="e1")
+            assert notty.value.code == Code.FAILED_PRECONDITION
+            await agent.client.signal_process("c5", signal.SIGKILL)
+            assert (await agent.client.wait_process("c5")).exit_status == 137
+            await agent.client.delete_container("c5")
+    run(body())
