@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -92,9 +93,8 @@ def no_leaks() -> Iterator[None]:
 
     ok = wait_until(clean, timeout=15)
     for pid in leaked:  # do not let one leak cascade into every later test
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
     assert ok, f"leaked processes: {leaked}"
-    assert set(runm_mounts()) <= mounts_before, f"leaked mounts: {set(runm_mounts()) - mounts_before}"
+    leaked_mounts = set(runm_mounts()) - mounts_before
+    assert not leaked_mounts, f"leaked mounts: {leaked_mounts}"

@@ -102,8 +102,10 @@ def test_missing_guest_image_without_auto_build(runm: Runm, good_bundle: Path,
 def test_vm_that_fails_to_boot_shows_the_console(runm: Runm, good_bundle: Path, tmp_path: Path,
                                                   guest_image) -> None:  # type: ignore[no-untyped-def]
     """A corrupt guest root (right size, wrong bytes): the boot fails with the console's tail."""
+    from runm.guest.image import default_data_dir
+
     data = tmp_path / "data"
-    image_dir = data / "guest" / guest_image.rootfs.parent.name
+    image_dir = data / guest_image.rootfs.parent.relative_to(default_data_dir())
     shutil.copytree(guest_image.rootfs.parent, image_dir)
     rootfs = image_dir / guest_image.rootfs.name
     size = rootfs.stat().st_size

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -69,10 +69,8 @@ async def agent_process(tmp_path: Path) -> AsyncIterator[Agent]:
         for cid in os.listdir(tmp_path / "runc") if (tmp_path / "runc").exists() else []:
             subprocess.run(["runc", "--root", str(tmp_path / "runc"), "delete", "-f", cid],
                            capture_output=True, check=False)
-        try:
+        with suppress(TtrpcError, ConnectionError, TimeoutError):
             await AgentClient(client).shutdown(timeout=5)
-        except (TtrpcError, ConnectionError, TimeoutError):
-            pass
         await client.aclose()
         await mux.aclose()
         try:

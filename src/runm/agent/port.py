@@ -10,11 +10,14 @@ not of the port: `wait_connected()` waits for the next host and the same fd is r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
 import select
 from pathlib import Path
+
+from runm.channel.fdio import wait_fd
 
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 
@@ -70,30 +73,21 @@ class VirtioPort:
                 return
             self._wakeup.clear()
             # SIGIO wakes us; the timeout only covers a lost signal.
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), 1.0)
-            except TimeoutError:
-                pass
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if self._pushback:
             data, self._pushback = self._pushback[:max_bytes], self._pushback[max_bytes:]
             return data
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 return os.read(self.fd, max_bytes)  # b"" = host disconnected
             except BlockingIOError:
                 pass
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self.fd, lambda: fut.done() or fut.set_result(None))
-            try:
-                await fut
-            finally:
-                loop.remove_reader(self.fd)
+            await wait_fd(self.fd)
 
     async def send_all(self, data: bytes) -> None:
-        loop = asyncio.get_running_loop()
         view = memoryview(data)
         while view:
             try:
@@ -108,14 +102,8 @@ class VirtioPort:
                 raise
             if self._host_gone():
                 raise ConnectionResetError("host disconnected")
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(self.fd, lambda: fut.done() or fut.set_result(None))
-            try:
-                await asyncio.wait_for(fut, 1.0)
-            except TimeoutError:
-                pass
-            finally:
-                loop.remove_writer(self.fd)
+            # POLLHUP would wake a plain writer wait forever; re-check the host each second.
+            await wait_fd(self.fd, writable=True, timeout=1.0)
 
     async def aclose(self) -> None:
         """The port stays open for the next host; nothing to do per connection."""

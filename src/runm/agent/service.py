@@ -147,7 +147,7 @@ class AgentService:
             args.append("--no-pivot")
         stdio = req.stdio or api.Stdio()
         try:
-            await self._launch(proc, args + [req.id], stdio, state_dir, pid_file)
+            await self._launch(proc, [*args, req.id], stdio, state_dir, pid_file)
         except BaseException:
             proc.close()
             with contextlib.suppress(OSError):
@@ -340,7 +340,8 @@ async def _receive_console(console: socket.socket, runc: asyncio.Future[None]) -
     """Accept runc's console-socket connection and take the pty master it sends."""
     loop = asyncio.get_running_loop()
     accept = asyncio.ensure_future(loop.sock_accept(console))
-    done, _ = await asyncio.wait({accept, runc}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {accept, runc}
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if accept not in done:
         accept.cancel()
         await runc  # raises runc's error

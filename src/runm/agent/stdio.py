@@ -8,6 +8,8 @@ import errno
 import os
 from typing import Protocol
 
+from runm.channel.fdio import wait_fd
+
 CHUNK = 65536
 
 
@@ -16,26 +18,6 @@ class Stream(Protocol):
     async def write(self, data: bytes) -> None: ...
     async def write_eof(self) -> None: ...
     async def reset(self) -> None: ...
-
-
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
-
-
-async def _writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
 
 
 def _read_nonblocking(fd: int) -> bytes | None:
@@ -63,7 +45,7 @@ async def copy_fd_to_stream(fd: int, stream: Stream, exited: asyncio.Event) -> N
             if data is None:
                 if exited.is_set():
                     break
-                readable = asyncio.ensure_future(_readable(fd))
+                readable = asyncio.ensure_future(wait_fd(fd))
                 exit_wait = asyncio.ensure_future(exited.wait())
                 try:
                     await asyncio.wait({readable, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -90,7 +72,7 @@ async def copy_stream_to_fd(stream: Stream, fd: int, *, close: bool = True) -> N
                 try:
                     n = os.write(fd, view)
                 except BlockingIOError:
-                    await _writable(fd)
+                    await wait_fd(fd, writable=True)
                     continue
                 view = view[n:]
     except (ConnectionError, OSError):

@@ -7,6 +7,7 @@ virtio-serial port in the guest, a socketpair in tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Protocol
 
 
@@ -52,7 +53,5 @@ class AsyncioByteStream:
         if self._writer.is_closing():
             return
         self._writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass

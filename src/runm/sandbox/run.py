@@ -12,6 +12,7 @@ import termios
 import tty
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
@@ -67,7 +68,7 @@ class _RawTerminal:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.saved: list[object] | None = None
+        self.saved: list[Any] | None = None
 
     def __enter__(self) -> _RawTerminal:
         if os.isatty(self.fd):
@@ -112,6 +113,7 @@ async def run_container(opts: RunOptions) -> int:
     def on_signal(signum: int) -> None:
         if not started.is_set():
             interrupted.append(signum)
+            assert main is not None
             main.cancel()
             return
         if sandbox.agent is not None:

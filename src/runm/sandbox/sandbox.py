@@ -22,7 +22,6 @@ from runm.vm.qemu import QemuVM
 log = logging.getLogger("runm.sandbox")
 
 DEFAULT_MEMORY_MIB = 512
-SETUP_ATTEMPT_TIMEOUT = 1.0
 
 
 def boot_timeout() -> float:
@@ -91,28 +90,36 @@ class Sandbox:
         timings.mark("mount_shares")
 
     async def _wait_agent(self, timeout: float) -> None:
+        """Wait for the agent's first answer, then give it the clock and fresh entropy.
+
+        Requests sent before the guest opens its port wait in the socket (QEMU reads the
+        chardev only once the port is open), so one probe suffices; the clock goes in a second
+        call because the probe may have waited for the whole boot.
+        """
         assert self.agent is not None
-        deadline = time.monotonic() + timeout
+        probe = asyncio.ensure_future(self.agent.setup(0, b""))
         exit_wait = asyncio.ensure_future(self.vm.wait_exit())
         try:
-            while True:
-                setup = asyncio.ensure_future(self.agent.setup(
-                    time.time_ns(), os.urandom(64), timeout=SETUP_ATTEMPT_TIMEOUT))
-                done, _ = await asyncio.wait({setup, exit_wait},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if exit_wait in done:
-                    setup.cancel()
-                    raise RunmError(self._boot_failure(f"VM exited with {exit_wait.result()}"))
-                try:
-                    self.kernel_release = setup.result().kernel_release
-                    return
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise RunmError(self._boot_failure(
-                            f"guest agent did not answer within {timeout:.0f}s")) from None
-                except ConnectionError as err:
-                    raise RunmError(self._boot_failure(f"agent channel closed: {err}")) from None
+            done, _ = await asyncio.wait({probe, exit_wait}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if exit_wait in done:
+                raise RunmError(self._boot_failure(f"VM exited with {exit_wait.result()}"))
+            if probe not in done:
+                raise RunmError(self._boot_failure(
+                    f"guest agent did not answer within {timeout:.0f}s"))
+            try:
+                probe.result()
+                setup = await self.agent.setup(time.time_ns(), os.urandom(64), timeout=10)
+            except ConnectionError as err:
+                # The channel closes when QEMU exits: report the exit, not the symptom.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exit_wait), 5)
+                what = (f"VM exited with {exit_wait.result()}" if exit_wait.done()
+                        else f"agent channel closed: {err}")
+                raise RunmError(self._boot_failure(what)) from None
+            self.kernel_release = setup.kernel_release
         finally:
+            probe.cancel()
             exit_wait.cancel()
 
     def _boot_failure(self, what: str) -> str:

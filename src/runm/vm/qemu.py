@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ FAST_KERNEL_ARGS = [
     "8250.nr_uarts=1", "random.trust_cpu=on", "runm.root=/dev/vda",
 ]
 HOTPLUG_ROOT_PORTS = 2  # reserved for shares plugged after a snapshot restore
+_ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
 
 
 def qemu_binary() -> str:
@@ -73,7 +75,8 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _spawn(argv: Sequence[str], pass_fds: Sequence[int], stderr_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(argv: Sequence[str], pass_fds: Sequence[int],
+           stderr_path: Path) -> subprocess.Popen[bytes]:
     parent = os.getpid()
     with open(stderr_path, "ab") as err:
         return subprocess.Popen(
@@ -159,8 +162,11 @@ class QemuVM(VirtualMachine):
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in (self.console_path, self.stderr_path):
             path.write_bytes(b"")
-        self.accel = c.accel or await asyncio.get_running_loop().run_in_executor(
-            None, choose_accelerator, c.kernel)
+        if c.accel:
+            self.accel = c.accel
+        else:
+            self.accel = await asyncio.get_running_loop().run_in_executor(
+                None, choose_accelerator, c.kernel)
         sockets: list[socket.socket] = []
         try:
             fds: dict[str, int] = {}
@@ -248,14 +254,15 @@ class QemuVM(VirtualMachine):
                 helper.wait(5)
 
     def console_tail(self, lines: int = 20) -> str:
-        parts = []
+        parts: list[str] = []
         for path in (self.console_path, self.stderr_path):
             try:
                 text = path.read_text(errors="replace")
             except OSError:
                 continue
-            parts.extend(text.splitlines()[-lines:])
-        return "\n".join(line for line in parts if line.strip())
+            text = _ANSI_ESCAPE.sub("", text)
+            parts.extend(line for line in text.splitlines() if line.strip())
+        return "\n".join(parts[-lines:])
 
     def remove_run_dir(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
