@@ -68,6 +68,7 @@ class Runm:
 def runm(tmp_path: Path) -> Runm:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src")
+    env["RUNM_RUN_DIR"] = str(tmp_path / "vm")  # so leak checks can tell this test's VMs apart
     return Runm(root=tmp_path / "state", env=env)
 
 
@@ -79,16 +80,20 @@ def guest_image():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def no_leaks() -> Iterator[None]:
-    """Fail the test if it leaves a QEMU, a virtiofsd or a mount behind."""
-    before = set(vm_processes())
+def no_leaks(tmp_path: Path) -> Iterator[None]:
+    """Fail the test if it leaves a QEMU, a virtiofsd or a mount behind.
+
+    A test's VMs are told apart from anything else running on the host by its tmp_path, which
+    appears in their command lines (run dir, bundle).
+    """
     mounts_before = set(runm_mounts())
     yield
     leaked: dict[int, str] = {}
+    mine = str(tmp_path)
 
     def clean() -> bool:
         nonlocal leaked
-        leaked = {p: c for p, c in vm_processes().items() if p not in before}
+        leaked = {p: c for p, c in vm_processes().items() if mine in c}
         return not leaked
 
     ok = wait_until(clean, timeout=15)

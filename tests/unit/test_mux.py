@@ -611,7 +611,7 @@ def test_protocol_violation_tears_down() -> None:
             pass
         await until(lambda: _no_tasks_of(mux))  # both tasks ended on their own
         late = mux.open(3)
-        assert late.connection_lost
+        assert late.connection_lost and late.send_window == 0 and w.send_window == 0
         with pytest.raises(BrokenPipeError):
             await late.write(b"x")
         await late.reset()  # no-op
@@ -694,6 +694,7 @@ def test_transport_errors_tear_down(fail_receive: bool) -> None:
             if not fail_receive:
                 await s.write(b"x")  # queued; the writer's send fails
             await mux.wait_closed()
+            await until(lambda: _no_tasks_of(mux))  # both tasks end by themselves
             assert isinstance(mux.error, OSError) and stream.closed
             with pytest.raises(ConnectionResetError):
                 await s.read()

@@ -21,7 +21,7 @@ from runm.agent import sysapi
 from runm.agent.reaper import Reaper
 from runm.agent.runc import Runc
 from runm.agent.service import AgentService
-from runm.channel.mux import Mux
+from runm.channel.mux import Mux, MuxStream
 from runm.channel.stream import AsyncioByteStream, ByteStream
 from runm.ttrpc import Server
 
@@ -37,7 +37,7 @@ class MuxHolder:
     def __init__(self) -> None:
         self.mux: Mux | None = None
 
-    def open(self, stream_id: int):  # type: ignore[no-untyped-def]
+    def open(self, stream_id: int) -> MuxStream:
         if self.mux is None:
             raise ConnectionResetError("stdio channel is not connected")
         return self.mux.open(stream_id)

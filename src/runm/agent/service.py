@@ -21,6 +21,7 @@ from runm.agent import stdio as stdio_copy
 from runm.agent import sysapi
 from runm.agent.reaper import Reaper
 from runm.agent.runc import Runc, RuncError, read_pid_file, remove_tree
+from runm.channel.mux import MuxStream
 from runm.proto import agent as api
 from runm.proto.codec import Message
 from runm.ttrpc import CallContext, Code, Server, TtrpcError
@@ -31,7 +32,7 @@ log = logging.getLogger("runm.agent")
 class StreamSource(Protocol):
     """Where stdio streams come from: the mux on the io port."""
 
-    def open(self, stream_id: int) -> stdio_copy.Stream: ...
+    def open(self, stream_id: int) -> MuxStream: ...
 
 
 @dataclass
@@ -241,21 +242,20 @@ class AgentService:
             if stdio.stdout:
                 out_fd = os.dup(master)
                 proc.output_pumps.append(asyncio.ensure_future(
-                    _copy_out_and_close(out_fd, streams.open(stdio.stdout), proc.exited)))
+                    stdio_copy.copy_output(out_fd, streams.open(stdio.stdout), proc.exited)))
             if stdio.stdin:
                 in_fd = os.dup(master)
                 proc.pumps.append(asyncio.ensure_future(
-                    stdio_copy.copy_stream_to_fd(streams.open(stdio.stdin), in_fd)))
+                    stdio_copy.copy_input(streams.open(stdio.stdin), in_fd)))
         else:
             ids = {"in": stdio.stdin, "out": stdio.stdout, "err": stdio.stderr}
             for direction, fd in pipes:
                 stream = streams.open(ids[direction])
                 if direction == "in":
-                    proc.pumps.append(asyncio.ensure_future(
-                        stdio_copy.copy_stream_to_fd(stream, fd)))
+                    proc.pumps.append(asyncio.ensure_future(stdio_copy.copy_input(stream, fd)))
                 else:
                     proc.output_pumps.append(asyncio.ensure_future(
-                        _copy_out_and_close(fd, stream, proc.exited)))
+                        stdio_copy.copy_output(fd, stream, proc.exited)))
         proc.pumps.extend(proc.output_pumps)
 
     async def wait_process(self, req: api.ProcessRequest, ctx: CallContext) -> api.WaitResponse:
@@ -326,14 +326,6 @@ class AgentService:
 def _mark_exited(proc: ManagedProcess) -> None:
     proc.exited_at_ns = time.time_ns()
     proc.exited.set()
-
-
-async def _copy_out_and_close(fd: int, stream: stdio_copy.Stream, exited: asyncio.Event) -> None:
-    try:
-        await stdio_copy.copy_fd_to_stream(fd, stream, exited)
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 async def _receive_console(console: socket.socket, runc: asyncio.Future[None]) -> int:

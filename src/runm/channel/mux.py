@@ -30,8 +30,13 @@ Driver
 events to the streams (it never blocks on an application, so control frames always get
 through), and a writer that sends the queued frames in large batches (frames are only ever
 appended whole, so writes from many tasks never interleave). Both are cancelled and awaited by
-`aclose()`. `MuxStream` is the per-stream handle: `read()` grants credit back as it consumes,
-`write()` waits for credit.
+`aclose()`. Writers wait while more than OUT_HIGH_WATER bytes are queued, so the queue is
+bounded too. `MuxStream` is the per-stream handle: `read()` grants credit back as it consumes,
+`write()` waits for credit. Both sides must end every stream (EOF both ways, `aclose()` or
+`reset()`), otherwise its state stays in the Mux until the connection ends.
+
+`pump_fd_to_stream` / `pump_stream_to_fd` move bytes between a non-blocking fd (pipe, pty
+master, socket) and a stream, for runc's pipes in the guest and the caller's stdio on the host.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import logging
 import os
 from types import TracebackType
 
+from runm.channel.fdio import wait_fd
 from runm.channel.muxframe import (
     CREDIT,
     CREDIT_THRESHOLD,
@@ -575,33 +581,15 @@ class Mux:
 # --- moving bytes between OS file descriptors and streams ------------------------------------
 
 
-def _set_result(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-async def _wait_fd(fd: int, *, writable: bool) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    if writable:
-        loop.add_writer(fd, _set_result, fut)
-    else:
-        loop.add_reader(fd, _set_result, fut)
-    try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
-
-
-async def pump_fd_to_stream(fd: int, s: MuxStream, *, chunk_size: int = MAX_FRAME) -> int:
+async def pump_fd_to_stream(fd: int, s: MuxStream, *, chunk_size: int = MAX_FRAME,
+                            until_dry: asyncio.Event | None = None) -> int:
     """Copy a non-blocking fd (pipe, pty master, socket) into s until EOF, then write_eof().
 
-    EIO (a pty master whose slave side is closed) counts as EOF. Stops quietly if the stream
-    is reset or the connection is lost. Returns the number of bytes copied; the fd is left
-    open and its blocking mode untouched (the caller owns it and must make it non-blocking).
+    EIO (a pty master whose slave side is closed) counts as EOF. Once `until_dry` is set, the
+    fd running dry counts as EOF too: a process that exited may leave a child holding its pipe,
+    but its own last output is already in the pipe. Stops quietly if the stream is reset or the
+    connection is lost. Returns the number of bytes copied; the fd is left open and its blocking
+    mode untouched (the caller owns it and must make it non-blocking).
     """
     total = 0
     try:
@@ -609,8 +597,14 @@ async def pump_fd_to_stream(fd: int, s: MuxStream, *, chunk_size: int = MAX_FRAM
             try:
                 data = os.read(fd, chunk_size)
             except BlockingIOError:
-                await _wait_fd(fd, writable=False)
-                continue
+                if until_dry is None:
+                    await wait_fd(fd)
+                    continue
+                if until_dry.is_set():
+                    data = b""
+                else:
+                    await _wait_fd_or_event(fd, until_dry)
+                    continue
             except OSError as err:
                 if err.errno != errno.EIO:
                     raise
@@ -622,6 +616,16 @@ async def pump_fd_to_stream(fd: int, s: MuxStream, *, chunk_size: int = MAX_FRAM
             total += len(data)
     except BrokenPipeError:
         return total  # the stream's reader is gone: nothing left to do
+
+
+async def _wait_fd_or_event(fd: int, event: asyncio.Event) -> None:
+    readable = asyncio.ensure_future(wait_fd(fd))
+    is_set = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({readable, is_set}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        readable.cancel()
+        is_set.cancel()
 
 
 _WRITE_GONE = (errno.EPIPE, errno.EIO, errno.ECONNRESET)
@@ -647,7 +651,7 @@ async def pump_stream_to_fd(s: MuxStream, fd: int, *, chunk_size: int = MAX_FRAM
             try:
                 n = os.write(fd, view)
             except BlockingIOError:
-                await _wait_fd(fd, writable=True)
+                await wait_fd(fd, writable=True)
                 continue
             except OSError as err:
                 if err.errno not in _WRITE_GONE:

@@ -13,17 +13,12 @@ import errno
 import os
 import threading
 from collections.abc import Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
+
+from runm.channel.mux import MuxStream
 
 CHUNK = 65536
 T = TypeVar("T")
-
-
-class Stream(Protocol):
-    async def read(self, max_bytes: int = CHUNK) -> bytes: ...
-    async def write(self, data: bytes) -> None: ...
-    async def write_eof(self) -> None: ...
-    async def reset(self) -> None: ...
 
 
 def _in_thread(loop: asyncio.AbstractEventLoop, body: Any) -> asyncio.Future[None]:
@@ -56,7 +51,7 @@ def _call(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
 
-def copy_fd_to_stream(fd: int, stream: Stream) -> asyncio.Future[None]:
+def copy_fd_to_stream(fd: int, stream: MuxStream) -> asyncio.Future[None]:
     """Caller's input (e.g. stdin) -> stream, then EOF."""
     loop = asyncio.get_running_loop()
 
@@ -72,14 +67,14 @@ def copy_fd_to_stream(fd: int, stream: Stream) -> asyncio.Future[None]:
                 if not data:
                     break
                 _call(loop, stream.write(data))
-            _call(loop, stream.write_eof())
+            _call(loop, stream.aclose())  # EOF for the process
         except (ConnectionError, OSError):
             pass
 
     return _in_thread(loop, body)
 
 
-def copy_stream_to_fd(stream: Stream, fd: int) -> asyncio.Future[None]:
+def copy_stream_to_fd(stream: MuxStream, fd: int) -> asyncio.Future[None]:
     """Stream -> caller's output fd (stdout/stderr) until the stream's EOF."""
     loop = asyncio.get_running_loop()
 
@@ -91,6 +86,8 @@ def copy_stream_to_fd(stream: Stream, fd: int) -> asyncio.Future[None]:
             except ConnectionError:
                 return
             if not data:
+                with contextlib.suppress(Exception):
+                    _call(loop, stream.aclose())
                 return
             if broken:
                 continue
