@@ -116,3 +116,33 @@ def test_json_log_records_errors(runm: Runm, tmp_path: Path) -> None:
     assert b"container does not exist" in result.stderr
     entry = json.loads(log.read_text().splitlines()[-1])
     assert entry["level"] == "error" and entry["msg"] == "container does not exist"
+
+
+def test_terminal_container_gets_a_pty_with_the_callers_size(runm: Runm, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    b = make_busybox_bundle(tmp_path / "tty", ["sh", "-c", "stty size; tty; exit 3"],
+                            terminal=True)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    try:
+        proc = runm.popen("run", "-b", str(b), "tty1", stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every holder of the slave is gone
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(timeout=120) == 3, output.decode(errors="replace")
+    finally:
+        os.close(master)
+    text = output.decode(errors="replace")
+    assert "33 101" in text
+    assert "/dev/pts/" in text
