@@ -89,6 +89,9 @@ class AgentService:
             "ResizePty": (api.ResizeRequest, self.resize_pty),
             "DeleteContainer": (api.DeleteRequest, self.delete_container),
             "State": (api.ContainerRequest, self.state),
+            "PauseContainer": (api.ContainerRequest, self.pause_container),
+            "ResumeContainer": (api.ContainerRequest, self.resume_container),
+            "ListProcesses": (api.ContainerRequest, self.list_processes),
             "Shutdown": (api.Empty, self.shutdown),
         }
         for method, (request_type, handler) in handlers.items():
@@ -309,6 +312,24 @@ class AgentService:
             raise TtrpcError(Code.NOT_FOUND if "does not exist" in str(err) else Code.UNKNOWN,
                              str(err)) from err
         return api.StateResponse(state_json=json.dumps(json.loads(out)))
+
+    async def pause_container(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
+        self._container(req.id)
+        await self._runc(req.id, ["pause", req.id])
+        return api.Empty()
+
+    async def resume_container(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
+        self._container(req.id)
+        await self._runc(req.id, ["resume", req.id])
+        return api.Empty()
+
+    async def list_processes(self, req: api.ContainerRequest, ctx: CallContext) -> api.PsResponse:
+        self._container(req.id)
+        try:
+            out = await self.runc.output(req.id, ["ps", "--format", "json", req.id])
+        except RuncError as err:
+            raise TtrpcError(Code.UNKNOWN, str(err)) from err
+        return api.PsResponse(pids=[int(p) for p in json.loads(out or "[]")])
 
     async def _runc(self, container_id: str, args: list[str], **fds: int | None) -> None:
         try:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import runm
+from runm.cli import verbs
 from runm.cli.logs import Logging
 from runm.cli.progress import Progress
 from runm.errors import RunmError
@@ -65,26 +66,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runm.sandbox.state import StateStore
 
     validate_id(args.id)
-    if args.detach:
-        raise RunmError("runm run --detach is not supported yet: use runm run in the foreground")
     bundle = load_bundle(args.bundle)
     image = ensure_guest_image()
     assert isinstance(image, GuestImage)
+    if args.detach:
+        from runm.sandbox.detached import Container, CreateOptions, create
+
+        store = StateStore(args.root)
+        create(CreateOptions(container_id=args.id, bundle=bundle, store=store, image=image,
+                             pid_file=args.pid_file, console_socket=args.console_socket,
+                             no_pivot=args.no_pivot))
+        try:
+            Container(store, args.id).start()
+        except RunmError:
+            Container(store, args.id).delete(force=True)
+            raise
+        return 0
     opts = RunOptions(container_id=args.id, bundle=bundle, store=StateStore(args.root),
                       image=image, keep=args.keep, no_pivot=args.no_pivot,
                       pid_file=args.pid_file)
     return asyncio.run(run_container(opts))
 
 
-def cmd_state(args: argparse.Namespace) -> int:
-    from runm.sandbox.state import StateStore
-
-    record = StateStore(args.root).load(args.id)
-    print(json.dumps(record.oci_state(), indent=2))
-    return 0
-
-
 def cmd_list(args: argparse.Namespace) -> int:
+    from runm.sandbox.detached import Container
     from runm.sandbox.state import StateStore
 
     store = StateStore(args.root)
@@ -92,9 +97,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     if store.root.is_dir():
         for entry in sorted(store.root.iterdir()):
             try:
-                records.append(store.load(entry.name))
+                container = Container(store, entry.name)
             except RunmError:
                 continue
+            if container.record.status != "stopped" and not (
+                    container.monitor_alive() or container.foreground_alive()):
+                container.record.status = "stopped"
+            records.append(container.record)
     if args.quiet:
         for record in records:
             print(record.id)
@@ -107,23 +116,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         widths = [max(len(row[i]) for row in rows) for i in range(6)]
         for row in rows:
             print("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
-
-
-def cmd_delete(args: argparse.Namespace) -> int:
-    from runm.sandbox.state import StateStore
-
-    store = StateStore(args.root)
-    try:
-        record = store.load(args.id)
-    except RunmError:
-        if args.force:
-            store.remove(args.id)
-            return 0
-        raise
-    if record.status not in ("stopped",) and not args.force:
-        raise RunmError(f"cannot delete container {args.id} that is not stopped: {record.status}")
-    store.remove(args.id)
     return 0
 
 
@@ -213,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     state = sub.add_parser("state", help="output the state of a container",
                            usage="runm state <container-id>")
     state.add_argument("id", nargs="?", default="", metavar="container-id")
-    state.set_defaults(func=cmd_state)
+    state.set_defaults(func=verbs.cmd_state)
 
     lst = sub.add_parser("list", aliases=["ls"], help="list containers started by runm")
     lst.add_argument("-f", "--format", choices=("table", "json"), default="table")
@@ -225,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("id", nargs="?", default="", metavar="container-id")
     delete.add_argument("-f", "--force", action="store_true",
                         help="delete even if running; succeed if it does not exist")
-    delete.set_defaults(func=cmd_delete)
+    delete.set_defaults(func=verbs.cmd_delete)
+    verbs.add_verbs(sub)
 
     spec = sub.add_parser("spec", help="create a new specification file (config.json)")
     spec.add_argument("-b", "--bundle", metavar="DIR", help="where to write config.json")

@@ -119,3 +119,23 @@ class StateResponse(Message):
     """runc's `state` JSON, as the guest's runc printed it."""
 
     state_json: str = pfield(1, "string")
+
+
+@dataclass
+class PsResponse(Message):
+    """The container's processes, as guest pids."""
+
+    pids: list[int] = pfield(1, "uint32", repeated=True)
+
+
+# -- the per-VM monitor's service (host only), over <vm run dir>/monitor.sock ------------------
+
+MONITOR_SERVICE = "runm.monitor.v1.Monitor"
+
+
+@dataclass
+class MonitorState(Message):
+    status: str = pfield(1, "string")  # created | running | paused | stopped
+    exit_status: int = pfield(2, "uint32")
+    guest_pid: int = pfield(3, "uint32")
+    exited_at_ns: int = pfield(4, "int64")

@@ -62,5 +62,16 @@ class AgentClient:
         resp = await self._call("State", api.ContainerRequest(container_id), api.StateResponse)
         return resp.state_json
 
+    async def pause_container(self, container_id: str) -> None:
+        await self._call("PauseContainer", api.ContainerRequest(container_id), api.Empty)
+
+    async def resume_container(self, container_id: str) -> None:
+        await self._call("ResumeContainer", api.ContainerRequest(container_id), api.Empty)
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        resp = await self._call("ListProcesses", api.ContainerRequest(container_id),
+                                api.PsResponse)
+        return list(resp.pids)
+
     async def shutdown(self, timeout: float | None = None) -> None:
         await self._call("Shutdown", api.Empty(), api.Empty, timeout)

@@ -103,7 +103,7 @@ async def run_container(opts: RunOptions) -> int:
                              annotations=bundle.annotations, pid=os.getpid())
     opts.store.create(record)
     run_dir = vm_run_dir(opts.store.root, cid)
-    record.vm = {"run_dir": str(run_dir)}
+    record.vm = {"run_dir": str(run_dir), "foreground_pid": os.getpid()}
     sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle))
     loop = asyncio.get_running_loop()
     interrupted: list[int] = []

@@ -1,0 +1,227 @@
+"""The runc verbs that work on detached containers (create, start, kill, exec, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from runm.errors import RunmError
+
+
+def parse_signal(raw: str) -> int:
+    """runc's parseSignal: a number, or a name with or without SIG, any case."""
+    if raw.isdigit():
+        signum = int(raw)
+        if signum <= 0 or signum >= signal.NSIG:
+            raise RunmError(f"unknown signal {raw!r}".replace("'", '"'))
+        return signum
+    name = raw.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise RunmError(f'unknown signal "{raw}"') from None
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from runm.sandbox.state import StateStore
+
+    return StateStore(args.root)
+
+
+def _container(args: argparse.Namespace) -> Any:
+    from runm.sandbox.detached import Container
+
+    return Container(_store(args), args.id)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from runm.cli.main import ensure_guest_image
+    from runm.guest.image import GuestImage
+    from runm.sandbox.bundle import load_bundle
+    from runm.sandbox.detached import CreateOptions, create
+
+    bundle = load_bundle(args.bundle)
+    image = ensure_guest_image()
+    assert isinstance(image, GuestImage)
+    create(CreateOptions(container_id=args.id, bundle=bundle, store=_store(args), image=image,
+                         pid_file=args.pid_file, console_socket=args.console_socket,
+                         no_pivot=args.no_pivot))
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    _container(args).start()
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    signum = parse_signal(args.signal)
+    _container(args).kill(signum, all=args.all)
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _container(args).pause()
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _container(args).resume()
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    pids = _container(args).ps()
+    if args.format == "json":
+        print(json.dumps(pids))
+    else:
+        print("PID")
+        for pid in pids:
+            print(pid)
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    print(json.dumps(_container(args).oci_state(), indent=2))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from runm.sandbox.detached import Container
+
+    try:
+        container = Container(_store(args), args.id)
+    except RunmError:
+        if args.force:
+            _store(args).remove(args.id)
+            return 0
+        raise
+    container.delete(force=args.force)
+    return 0
+
+
+def exec_process(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
+    """The OCI process to exec: --process FILE, or the container's process with overrides."""
+    if args.process:
+        try:
+            text = sys.stdin.read() if args.process == "-" else Path(args.process).read_text()
+        except OSError as err:
+            raise RunmError(f"open {args.process}: {err.strerror}") from None
+        try:
+            loaded = json.loads(text)
+        except ValueError as err:
+            raise RunmError(f"parsing {args.process}: invalid JSON: {err}") from None
+        if not isinstance(loaded, dict):
+            raise RunmError(f"parsing {args.process}: the process must be a JSON object")
+        if not loaded.get("args"):
+            raise RunmError("args must not be empty")
+        return dict(loaded)
+    if not args.command:
+        raise RunmError("exec args cannot be empty")
+    try:
+        spec = json.loads((Path(bundle) / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RunmError(f"reading the container's config.json: {err}") from None
+    process: dict[str, Any] = dict(spec.get("process") or {})
+    process["args"] = list(args.command)
+    process["terminal"] = bool(args.tty)
+    process["env"] = list(process.get("env") or []) + list(args.env or [])
+    if args.cwd:
+        process["cwd"] = args.cwd
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        try:
+            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        except ValueError:
+            raise RunmError(f"invalid user {args.user!r}: use UID[:GID]") from None
+    if args.additional_gids:
+        process.setdefault("user", {"uid": 0, "gid": 0})["additionalGids"] = [
+            int(g) for g in args.additional_gids]
+    if args.no_new_privs:
+        process["noNewPrivileges"] = True
+    if args.cap:
+        caps = process.setdefault("capabilities", {})
+        for kind in ("bounding", "effective", "permitted"):
+            caps[kind] = sorted(set(caps.get(kind) or []) | set(args.cap))
+    return process
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    container = _container(args)
+    process = exec_process(args, container.record.bundle)
+    if args.tty:
+        process["terminal"] = True
+    return int(container.exec(process, detach=args.detach, pid_file=args.pid_file,
+                              console_socket=args.console_socket))
+
+
+def add_verbs(sub: Any) -> None:
+    """Register the detached-container verbs on the `runm` argument parser."""
+    def id_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("id", nargs="?", default="", metavar="container-id")
+
+    create = sub.add_parser(
+        "create", help="create a container (in its own VM) without starting its process",
+        description="Boot a VM, create the container in it with runc and leave its process "
+                    "waiting for `runm start`. The pid written to --pid-file is a host "
+                    "stand-in process that mirrors the container process: signals sent to it "
+                    "are forwarded, and it exits with the container process's status.",
+        usage="runm create [command options] <container-id>")
+    id_arg(create)
+    create.add_argument("-b", "--bundle", metavar="DIR", help="path to the bundle (default: .)")
+    create.add_argument("--console-socket", metavar="PATH",
+                        help="unix socket that receives the pty master (terminal: true)")
+    create.add_argument("--pid-file", metavar="PATH", help="write the stand-in's pid to PATH")
+    create.add_argument("--no-pivot", action="store_true", help="no pivot_root in the guest")
+    create.add_argument("--no-new-keyring", action="store_true", help="accepted; no effect")
+    create.add_argument("--preserve-fds", type=int, default=0, help="accepted; not supported")
+    create.set_defaults(func=cmd_create)
+
+    for name, func, text in (("start", cmd_start, "start the process of a created container"),
+                             ("pause", cmd_pause, "suspend all processes of a container"),
+                             ("resume", cmd_resume, "resume a paused container")):
+        p = sub.add_parser(name, help=text, usage=f"runm {name} <container-id>")
+        id_arg(p)
+        p.set_defaults(func=func)
+
+    kill = sub.add_parser("kill", help="send a signal to the container's init process",
+                          usage="runm kill [--all] <container-id> [signal]")
+    id_arg(kill)
+    kill.add_argument("signal", nargs="?", default="SIGTERM",
+                      help="number or name, with or without SIG (default SIGTERM)")
+    kill.add_argument("-a", "--all", action="store_true", help="signal every process")
+    kill.set_defaults(func=cmd_kill)
+
+    ps = sub.add_parser("ps", help="list the processes of a container (guest pids)",
+                        usage="runm ps [--format table|json] <container-id>")
+    id_arg(ps)
+    ps.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    ps.set_defaults(func=cmd_ps)
+
+    ex = sub.add_parser("exec", help="run a new process in a running container",
+                        usage="runm exec [command options] <container-id> [command args...]")
+    id_arg(ex)
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.add_argument("-p", "--process", metavar="FILE", help="OCI process JSON (- for stdin)")
+    ex.add_argument("-d", "--detach", action="store_true", help="detach from the process")
+    ex.add_argument("--pid-file", metavar="PATH", help="write the stand-in's pid to PATH")
+    ex.add_argument("--console-socket", metavar="PATH", help="receives the pty master")
+    ex.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-TTY")
+    ex.add_argument("--cwd", metavar="DIR", help="working directory in the container")
+    ex.add_argument("-e", "--env", action="append", metavar="K=V", help="set an env variable")
+    ex.add_argument("-u", "--user", metavar="UID[:GID]", help="user to run as")
+    ex.add_argument("-g", "--additional-gids", action="append", metavar="GID")
+    ex.add_argument("-c", "--cap", action="append", metavar="CAP", help="add a capability")
+    ex.add_argument("--no-new-privs", action="store_true")
+    ex.add_argument("--process-label", help="accepted; no effect")
+    ex.add_argument("--apparmor", help="accepted; no effect")
+    ex.add_argument("--preserve-fds", type=int, default=0, help="accepted; not supported")
+    ex.add_argument("--cgroup", help="accepted; no effect")
+    ex.add_argument("--ignore-paused", action="store_true", help="accepted; no effect")
+    ex.set_defaults(func=cmd_exec)

@@ -1,0 +1,410 @@
+"""The per-VM monitor: owns one VM and its container after `runm create` returns.
+
+`runm create` starts it (a new session, stdio on /dev/null, logging to the VM's run dir) and
+waits on a pipe for "ok" or an error. The monitor boots the VM, creates the container in the
+guest with the caller's stdio fds (inherited from `create`) bridged to mux streams, and then
+serves later invocations over ttrpc on `<run dir>/monitor.sock`:
+
+    State Start Kill Wait Exec Resize Pause Resume Ps Delete
+
+plus `<run dir>/attach.sock`, where `runm exec` hands over the stdio fds of a new process with
+SCM_RIGHTS before asking for it. QEMU dies with the monitor (PDEATHSIG); the stand-in processes
+notice the monitor's socket closing and exit 137.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runm.errors import RunmError
+from runm.guest.image import GuestImage
+from runm.proto import agent as api
+from runm.sandbox import hoststdio
+from runm.sandbox.bundle import load_bundle
+from runm.sandbox.run import bundle_shares
+from runm.sandbox.sandbox import Sandbox
+from runm.sandbox.state import StateStore
+from runm.ttrpc import CallContext, Code, Server, TtrpcError, serve_unix
+
+log = logging.getLogger("runm.monitor")
+
+KILLED_BY_VM_EXIT = 137
+
+
+@dataclass
+class MonitorConfig:
+    container_id: str
+    root: str
+    bundle: str
+    run_dir: str
+    kernel: str
+    initrd: str
+    rootfs: str
+    digest: str
+    kernel_release: str
+    terminal: bool = False
+    no_pivot: bool = False
+
+    def image(self) -> GuestImage:
+        return GuestImage(Path(self.kernel), Path(self.initrd), Path(self.rootfs), self.digest,
+                          self.kernel_release)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> MonitorConfig:
+        return cls(**json.loads(path.read_text()))
+
+
+def monitor_socket(run_dir: Path) -> Path:
+    return run_dir / "monitor.sock"
+
+
+def attach_socket(run_dir: Path) -> Path:
+    return run_dir / "attach.sock"
+
+
+@dataclass
+class Process:
+    exec_id: str
+    guest_pid: int = 0
+    exit_status: int | None = None
+    exited_at_ns: int = 0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    outputs: list[asyncio.Future[None]] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+
+    def finish(self, status: int, at_ns: int = 0) -> None:
+        if self.exit_status is None:
+            self.exit_status = status
+            self.exited_at_ns = at_ns
+        self.exited.set()
+
+
+class Monitor:
+    def __init__(self, config: MonitorConfig, stdio_fds: list[int]) -> None:
+        self.config = config
+        self.cid = config.container_id
+        self.run_dir = Path(config.run_dir)
+        self.store = StateStore(config.root)
+        self.stdio_fds = stdio_fds
+        self.sandbox: Sandbox | None = None
+        self.status = "creating"
+        self.processes: dict[str, Process] = {"": Process("")}
+        self.pending_fds: dict[str, tuple[list[int], list[bool]]] = {}
+        self.next_stream = 1
+        self.done = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _streams(self, count: int) -> list[int]:
+        ids = list(range(self.next_stream, self.next_stream + 2 * count, 2))
+        self.next_stream += 2 * count
+        return ids
+
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        with contextlib.suppress(RunmError, OSError), self.store.lock(self.cid):
+            record = self.store.load(self.cid)
+            record.status = status
+            self.store.save(record)
+
+    @property
+    def agent(self) -> Any:
+        if self.sandbox is None or self.sandbox.agent is None:
+            raise TtrpcError(Code.UNAVAILABLE, "the VM is not running")
+        return self.sandbox.agent
+
+    def _wire(self, proc: Process, fds: list[int], wanted: list[bool],
+              terminal: bool) -> api.Stdio:
+        """Bridge the caller's fds (stdin, stdout, stderr as present) to new mux streams."""
+        assert self.sandbox is not None and self.sandbox.mux is not None
+        mux = self.sandbox.mux
+        stdin_id, stdout_id, stderr_id = self._streams(3)
+        it = iter(fds)
+        has_in, has_out, has_err = wanted
+        stdio = api.Stdio(terminal=terminal)
+        if has_in:
+            stdio.stdin = stdin_id
+            fd = next(it)
+            proc.fds.append(fd)
+            hoststdio.copy_fd_to_stream(fd, mux.open(stdin_id))
+        if has_out:
+            stdio.stdout = stdout_id
+            fd = next(it)
+            proc.fds.append(fd)
+            proc.outputs.append(hoststdio.copy_stream_to_fd(mux.open(stdout_id), fd))
+        if has_err and not terminal:
+            stdio.stderr = stderr_id
+            fd = next(it)
+            proc.fds.append(fd)
+            proc.outputs.append(hoststdio.copy_stream_to_fd(mux.open(stderr_id), fd))
+        return stdio
+
+    async def _watch_process(self, proc: Process) -> None:
+        try:
+            waited = await self.agent.wait_process(self.cid, proc.exec_id)
+            status, at = waited.exit_status, waited.exited_at_ns
+        except (TtrpcError, ConnectionError) as err:
+            log.warning("waiting for %s/%s: %s", self.cid, proc.exec_id or "init", err)
+            status, at = KILLED_BY_VM_EXIT, 0
+        if proc.outputs:
+            await asyncio.gather(*proc.outputs, return_exceptions=True)
+        for fd in proc.fds:  # the caller sees EOF once we let go of its pipes
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        proc.fds.clear()
+        proc.finish(status, at)
+        if not proc.exec_id:
+            self._set_status("stopped")
+
+    async def _watch_vm(self) -> None:
+        assert self.sandbox is not None
+        code = await self.sandbox.vm.wait_exit()
+        if self.done.is_set():
+            return
+        log.warning("VM exited with %d under container %s", code, self.cid)
+        for proc in self.processes.values():
+            proc.finish(KILLED_BY_VM_EXIT)
+        if self.status != "stopped":
+            self._set_status("stopped")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def boot_and_create(self) -> None:
+        bundle = load_bundle(self.config.bundle)
+        self.sandbox = Sandbox.create(self.cid, self.config.image(), self.run_dir,
+                                      bundle_shares(bundle))
+        await self.sandbox.boot()
+        init = self.processes[""]
+        wanted = [True, True, not self.config.terminal]
+        stdio = self._wire(init, self.stdio_fds, wanted, self.config.terminal)
+        try:
+            init.guest_pid = await self.agent.create_container(
+                self.cid, self.config.bundle, stdio, no_pivot=self.config.no_pivot)
+        except TtrpcError as err:
+            raise RunmError(err.message) from None
+        self._spawn(self._watch_process(init))
+        self._spawn(self._watch_vm())
+        self.status = "created"
+
+    async def close(self) -> None:
+        self.done.set()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.sandbox is not None:
+            await self.sandbox.close()
+
+    # -- the service -------------------------------------------------------------------
+
+    def register(self, server: Server) -> None:
+        methods: dict[str, tuple[type[Any], Any]] = {
+            "State": (api.ContainerRequest, self.state),
+            "Start": (api.ContainerRequest, self.start),
+            "Kill": (api.SignalRequest, self.kill),
+            "Wait": (api.ProcessRequest, self.wait),
+            "Exec": (api.ExecProcessRequest, self.exec),
+            "Resize": (api.ResizeRequest, self.resize),
+            "Pause": (api.ContainerRequest, self.pause),
+            "Resume": (api.ContainerRequest, self.resume),
+            "Ps": (api.ContainerRequest, self.ps),
+            "Delete": (api.DeleteRequest, self.delete),
+        }
+        for name, (request_type, handler) in methods.items():
+            server.register_unary(api.MONITOR_SERVICE, name, request_type, handler)
+
+    def _process(self, exec_id: str) -> Process:
+        proc = self.processes.get(exec_id)
+        if proc is None:
+            raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} does not exist")
+        return proc
+
+    async def state(self, req: api.ContainerRequest, ctx: CallContext) -> api.MonitorState:
+        init = self.processes[""]
+        return api.MonitorState(status=self.status, exit_status=init.exit_status or 0,
+                                guest_pid=init.guest_pid, exited_at_ns=init.exited_at_ns)
+
+    async def start(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
+        if self.status != "created":
+            raise TtrpcError(Code.FAILED_PRECONDITION,
+                             "cannot start a container that has stopped" if self.status ==
+                             "stopped" else f"cannot start an already {self.status} container")
+        await self.agent.start_container(self.cid)
+        if self.status == "created":
+            self._set_status("running")
+        return api.Empty()
+
+    async def kill(self, req: api.SignalRequest, ctx: CallContext) -> api.Empty:
+        proc = self._process(req.exec_id)
+        if proc.exited.is_set() or (self.status == "stopped" and not req.exec_id):
+            raise TtrpcError(Code.NOT_FOUND, "container not running")
+        await self.agent.signal_process(self.cid, req.signal, exec_id=req.exec_id, all=req.all)
+        return api.Empty()
+
+    async def wait(self, req: api.ProcessRequest, ctx: CallContext) -> api.WaitResponse:
+        proc = self._process(req.exec_id)
+        await proc.exited.wait()
+        return api.WaitResponse(exit_status=proc.exit_status or 0,
+                                exited_at_ns=proc.exited_at_ns)
+
+    async def exec(self, req: api.ExecProcessRequest, ctx: CallContext) -> api.ProcessResponse:
+        if self.status not in ("created", "running"):
+            raise TtrpcError(Code.FAILED_PRECONDITION, "cannot exec in a stopped container"
+                             if self.status == "stopped" else
+                             f"cannot exec in a {self.status} container")
+        if req.exec_id in self.processes:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"exec id {req.exec_id} already exists")
+        fds, wanted = self.pending_fds.pop(req.exec_id, ([], [False, False, False]))
+        terminal = bool(req.stdio and req.stdio.terminal)
+        proc = Process(req.exec_id)
+        stdio = self._wire(proc, fds, wanted, terminal)
+        try:
+            proc.guest_pid = await self.agent.exec_process(self.cid, req.exec_id,
+                                                           req.process_json, stdio)
+        except TtrpcError:
+            for fd in proc.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        self.processes[req.exec_id] = proc
+        self._spawn(self._watch_process(proc))
+        return api.ProcessResponse(pid=proc.guest_pid)
+
+    async def resize(self, req: api.ResizeRequest, ctx: CallContext) -> api.Empty:
+        await self.agent.resize_pty(self.cid, req.rows, req.cols, exec_id=req.exec_id)
+        return api.Empty()
+
+    async def pause(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
+        if self.status != "running":
+            raise TtrpcError(Code.FAILED_PRECONDITION, "container not running")
+        await self.agent.pause_container(self.cid)
+        self._set_status("paused")
+        return api.Empty()
+
+    async def resume(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
+        if self.status != "paused":
+            raise TtrpcError(Code.FAILED_PRECONDITION, "container not paused")
+        await self.agent.resume_container(self.cid)
+        self._set_status("running")
+        return api.Empty()
+
+    async def ps(self, req: api.ContainerRequest, ctx: CallContext) -> api.PsResponse:
+        if self.status == "stopped":
+            return api.PsResponse()
+        return api.PsResponse(pids=await self.agent.list_processes(self.cid))
+
+    async def delete(self, req: api.DeleteRequest, ctx: CallContext) -> api.Empty:
+        if self.status in ("running", "paused") and not req.force:
+            raise TtrpcError(Code.FAILED_PRECONDITION,
+                             f"cannot delete container {self.cid} that is not stopped: "
+                             f"{self.status}")
+        if self.sandbox is not None and not self.sandbox.vm.exited():
+            with contextlib.suppress(TtrpcError, ConnectionError):
+                await self.agent.delete_container(self.cid, force=True)
+        asyncio.get_running_loop().call_soon(self.done.set)
+        return api.Empty()
+
+    # -- stdio handover for exec -------------------------------------------------------
+
+    async def serve_attach(self, path: Path) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock.bind(str(path))
+        sock.listen(16)
+        sock.setblocking(False)
+
+        async def accept_loop() -> None:
+            while True:
+                conn, _ = await loop.sock_accept(sock)
+                self._spawn(self._handle_attach(conn))
+
+        self._spawn(accept_loop())
+        return sock
+
+    async def _handle_attach(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with conn:
+            conn.setblocking(True)
+            msg, fds, _, _ = await loop.run_in_executor(None, socket.recv_fds, conn, 4096, 3)
+            try:
+                header = json.loads(msg)
+                wanted = [bool(header.get(k)) for k in ("stdin", "stdout", "stderr")]
+                if sum(wanted) != len(fds):
+                    raise ValueError("fd count does not match the header")
+                self.pending_fds[str(header["exec_id"])] = (fds, wanted)
+                reply = b"ok\n"
+            except (ValueError, KeyError) as err:
+                for fd in fds:
+                    os.close(fd)
+                reply = f"error: {err}\n".encode()
+            await loop.run_in_executor(None, conn.sendall, reply)
+
+
+async def run_monitor(config: MonitorConfig, stdio_fds: list[int], ready_fd: int) -> int:
+    monitor = Monitor(config, stdio_fds)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, monitor.done.set)
+    listeners: list[asyncio.AbstractServer | socket.socket] = []
+    try:
+        try:
+            await monitor.boot_and_create()
+            server = Server()
+            monitor.register(server)
+            listeners.append(await serve_unix(server, str(monitor_socket(monitor.run_dir))))
+            listeners.append(await monitor.serve_attach(attach_socket(monitor.run_dir)))
+        except RunmError as err:
+            os.write(ready_fd, f"error: {err.message}\n".encode())
+            return 1
+        except Exception as err:
+            log.exception("monitor failed")
+            os.write(ready_fd, f"error: {err}\n".encode())
+            return 1
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+        await monitor.done.wait()
+        return 0
+    finally:
+        for listener in listeners:
+            listener.close()
+        await monitor.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runm-monitor")
+    parser.add_argument("config")
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--stdio-fds", default="")
+    parser.add_argument("--log")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(filename=args.log, level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("qemu").setLevel(logging.CRITICAL)
+    config = MonitorConfig.load(Path(args.config))
+    fds = [int(fd) for fd in args.stdio_fds.split(",") if fd]
+    return asyncio.run(run_monitor(config, fds, args.ready_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The stand-in: the host process whose pid callers (conmon, containerd's shim) wait for.
+
+It stands for one container process in the guest: every signal it receives goes to that process
+(SIGWINCH becomes a terminal resize), and it exits with that process's status (128+N for a
+signal death; 137 if the VM or its monitor dies). It is a child of the `runm create`/`exec`
+that started it, so it is reparented to the caller when that invocation exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import struct
+import sys
+import termios
+
+from runm.channel.stream import AsyncioByteStream
+from runm.proto import agent as api
+from runm.proto.codec import Message
+from runm.ttrpc import Client, TtrpcError
+
+LOST = 137
+UNFORWARDED = {signal.SIGCHLD, signal.SIGPIPE, signal.SIGKILL, signal.SIGSTOP, signal.SIGURG}
+
+
+def window_size(fd: int) -> tuple[int, int] | None:
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        return None
+    return rows, cols
+
+
+async def call(client: Client, method: str, request: Message,
+               response_type: type[Message]) -> Message:
+    return await client.call(api.MONITOR_SERVICE, method, request, response_type)
+
+
+async def stand_in(socket_path: str, exec_id: str, tty_fd: int | None) -> int:
+    """Mirror one guest process until it exits; return its exit status."""
+    try:
+        stream = await AsyncioByteStream.connect_unix(socket_path)
+    except OSError:
+        return LOST
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    async with Client(stream) as client:
+
+        async def forward(signum: int) -> None:
+            with contextlib.suppress(TtrpcError, ConnectionError):
+                if signum == signal.SIGWINCH:
+                    size = window_size(tty_fd) if tty_fd is not None else None
+                    if size:
+                        await call(client, "Resize",
+                                   api.ResizeRequest("", exec_id, *size), api.Empty)
+                    return
+                await call(client, "Kill", api.SignalRequest("", exec_id, signum), api.Empty)
+
+        def on_signal(signum: int) -> None:
+            task = loop.create_task(forward(signum))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        for signum in signal.valid_signals():
+            if signum in UNFORWARDED or not 0 < signum < signal.SIGRTMIN:
+                continue
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, on_signal, signum)
+        if tty_fd is not None:
+            await forward(signal.SIGWINCH)
+        try:
+            waited = await call(client, "Wait", api.ProcessRequest("", exec_id),
+                                api.WaitResponse)
+        except (TtrpcError, ConnectionError):
+            return LOST
+        assert isinstance(waited, api.WaitResponse)
+        return waited.exit_status
+
+
+def take_terminal(fd: int) -> None:
+    """Make the pty slave our controlling terminal, so its resizes reach us as SIGWINCH."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runm-standin")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--exec-id", default="")
+    parser.add_argument("--tty-fd", type=int)
+    args = parser.parse_args(argv)
+    if args.tty_fd is not None:
+        take_terminal(args.tty_fd)
+    status = asyncio.run(stand_in(args.socket, args.exec_id, args.tty_fd))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
