@@ -1,0 +1,266 @@
+"""PID 1 helpers and the libc wrappers, exercised without changing the host.
+
+mount() is only called with a filesystem type the kernel does not know, so it fails before
+anything is mounted; the tests check that nothing was.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runm.agent import pid1, sysapi
+
+
+def read_fifo(fd: int) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return bytes(out)
+        out += chunk
+
+
+# --- pid1 ------------------------------------------------------------------------------------
+
+
+def test_enable_cgroup_controllers_writes_one_plus_entry_per_controller(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    # A FIFO records every write separately, as cgroupfs applies each one.
+    os.mkfifo(tmp_path / "cgroup.subtree_control")
+    reader = os.open(tmp_path / "cgroup.subtree_control", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        pid1.enable_cgroup_controllers(tmp_path)
+        assert read_fifo(reader) == b"+cpuset+cpu+io+memory+pids"
+    finally:
+        os.close(reader)
+
+
+def test_enable_cgroup_controllers_ends_with_the_last_controller_in_a_plain_file(
+        tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    pid1.enable_cgroup_controllers(tmp_path)
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
+
+
+def test_enable_cgroup_controllers_without_controllers_file_does_nothing(tmp_path: Path) -> None:
+    pid1.enable_cgroup_controllers(tmp_path)
+    pid1.enable_cgroup_controllers(tmp_path / "missing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_enable_cgroup_controllers_with_no_controllers_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("\n")
+    pid1.enable_cgroup_controllers(tmp_path)
+    assert not (tmp_path / "cgroup.subtree_control").exists()
+
+
+def test_enable_cgroup_controllers_ignores_rejected_writes(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    (tmp_path / "cgroup.subtree_control").mkdir()  # every write fails (EISDIR)
+    pid1.enable_cgroup_controllers(tmp_path)  # no exception
+    assert (tmp_path / "cgroup.subtree_control").is_dir()
+
+
+def test_mounted_targets_lists_mount_points() -> None:
+    targets = pid1.mounted_targets()
+    assert "/" in targets
+    assert "/proc" in targets  # we are reading it through /proc
+    assert all(t.startswith("/") for t in targets)
+
+
+def test_mount_table_covers_what_runc_needs() -> None:
+    targets = [m[1] for m in pid1.MOUNTS]
+    assert len(targets) == len(set(targets))
+    # parents are mounted before what lives inside them
+    assert targets.index("/sys") < targets.index("/sys/fs/cgroup")
+    for _, _target, _fstype, options in pid1.MOUNTS:
+        flags, _data = sysapi.split_mount_options(options)
+        assert flags & sysapi.MS_NOSUID
+
+
+class FakeSystem:
+    """Stands in for every host-changing call setup_system makes; records them instead."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, mounted: set[str],
+                 fail: dict[tuple[str, bool], OSError] | None = None) -> None:
+        self.mounted = set(mounted)
+        self.fail = fail or {}
+        self.calls: list[tuple[str, ...]] = []
+        monkeypatch.setattr(pid1, "mounted_targets", lambda: set(self.mounted))
+        monkeypatch.setattr(pid1.sysapi, "mount", self.mount)
+        monkeypatch.setattr(pid1.os, "makedirs", self.makedirs)
+        monkeypatch.setattr(pid1.os, "symlink", self.symlink)
+        monkeypatch.setattr(pid1.os.path, "lexists", lambda path: path == "/dev/stdin")
+        monkeypatch.setattr(pid1, "enable_cgroup_controllers",
+                            lambda root: self.calls.append(("cgroups", str(root))))
+        monkeypatch.setattr(pid1, "_loopback_up", lambda: self.calls.append(("lo",)))
+
+    def mount(self, source: str, target: str, fstype: str, options: list[str]) -> None:
+        self.calls.append(("mount", source, target, fstype, ",".join(options)))
+        err = self.fail.get((target, "nsdelegate" in options))
+        if err is not None:
+            raise err
+        self.mounted.add(target)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        assert exist_ok
+        self.calls.append(("mkdir", path))
+
+    def symlink(self, target: str, link: str) -> None:
+        self.calls.append(("symlink", link, target))
+        if link == "/dev/fd":
+            raise FileExistsError(link)  # ignored
+
+
+def test_setup_system_mounts_what_is_missing_then_links_and_cgroups(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeSystem(monkeypatch, mounted={"/", "/dev", "/proc", "/dev/shm"})
+    pid1.setup_system()
+    mounts = [c for c in fake.calls if c[0] == "mount"]
+    assert [c[2] for c in mounts] == ["/sys", "/sys/fs/cgroup", "/run", "/tmp", "/dev/pts",
+                                      "/dev/mqueue"]
+    assert ("mount", "cgroup2", "/sys/fs/cgroup", "cgroup2",
+            "nosuid,nodev,noexec,nsdelegate") in mounts
+    assert ("mkdir", "/dev/pts") in fake.calls
+    assert fake.calls.index(("mkdir", "/dev/pts")) < fake.calls.index(mounts[4])
+    links = {c[1]: c[2] for c in fake.calls if c[0] == "symlink"}
+    assert links == {k: v for k, v in pid1.DEV_LINKS.items() if k != "/dev/stdin"}
+    assert fake.calls[-2:] == [("cgroups", "/sys/fs/cgroup"), ("lo",)]
+
+
+def test_setup_system_retries_cgroup2_without_nsdelegate(monkeypatch: pytest.MonkeyPatch) -> None:
+    everything_else = {m[1] for m in pid1.MOUNTS} - {"/sys/fs/cgroup"}
+    fake = FakeSystem(monkeypatch, mounted=everything_else,
+                      fail={("/sys/fs/cgroup", True): OSError(errno.EINVAL, "nsdelegate")})
+    pid1.setup_system()
+    assert [c for c in fake.calls if c[0] == "mount"] == [
+        ("mount", "cgroup2", "/sys/fs/cgroup", "cgroup2", "nosuid,nodev,noexec,nsdelegate"),
+        ("mount", "cgroup2", "/sys/fs/cgroup", "cgroup2", "nosuid,nodev,noexec"),
+    ]
+
+
+def test_setup_system_reports_a_failed_mount(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeSystem(monkeypatch, mounted={"/proc", "/sys", "/sys/fs/cgroup"},
+               fail={("/run", False): OSError(errno.ENODEV, "mounting tmpfs tmpfs on /run")})
+    with pytest.raises(RuntimeError, match="mounting tmpfs tmpfs on /run"):
+        pid1.setup_system()
+
+
+def test_setup_system_sets_a_default_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeSystem(monkeypatch, mounted={m[1] for m in pid1.MOUNTS})
+    monkeypatch.delenv("PATH")
+    pid1.setup_system()
+    assert os.environ["PATH"].split(":")[:2] == ["/usr/local/sbin", "/usr/local/bin"]
+    monkeypatch.setenv("PATH", "/custom")
+    pid1.setup_system()
+    assert os.environ["PATH"] == "/custom"
+
+
+# --- sysapi ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "flags", "data"),
+    [
+        ([], 0, ""),
+        (["ro"], sysapi.MS_RDONLY, ""),
+        (["rw"], 0, ""),
+        (["nosuid", "nodev", "noexec"], sysapi.MS_NOSUID | sysapi.MS_NODEV | sysapi.MS_NOEXEC,
+         ""),
+        (["relatime"], sysapi.MS_RELATIME, ""),
+        (["mode=755"], 0, "mode=755"),
+        (["ro", "nosuid", "gid=5", "rw", "mode=620", "", "ptmxmode=666"],
+         sysapi.MS_RDONLY | sysapi.MS_NOSUID, "gid=5,mode=620,ptmxmode=666"),
+        (["nsdelegate"], 0, "nsdelegate"),
+    ],
+)
+def test_split_mount_options(options: list[str], flags: int, data: str) -> None:
+    assert sysapi.split_mount_options(options) == (flags, data)
+
+
+def test_mount_flag_values_match_linux() -> None:
+    assert (sysapi.MS_RDONLY, sysapi.MS_NOSUID, sysapi.MS_NODEV, sysapi.MS_NOEXEC) == (1, 2, 4, 8)
+    assert sysapi.MS_RELATIME == 0x200000
+
+
+def test_mount_of_unknown_fstype_raises_and_mounts_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "mnt"
+    target.mkdir()
+    before = pid1.mounted_targets()
+    with pytest.raises(OSError) as info:
+        sysapi.mount("none", str(target), "runmnosuchfs", ["nosuid", "mode=755"])
+    err = info.value
+    # ENODEV as root; EPERM if the tests run without CAP_SYS_ADMIN
+    assert err.errno in (errno.ENODEV, errno.EPERM)
+    assert "runmnosuchfs" in str(err)
+    assert str(target) in str(err)
+    assert os.strerror(err.errno) in str(err)
+    assert str(target) not in pid1.mounted_targets()
+    assert pid1.mounted_targets() == before
+
+
+def test_mount_without_options_passes_no_data(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="runmnosuchfs src on"):
+        sysapi.mount("src", str(tmp_path), "runmnosuchfs")
+    assert str(tmp_path) not in pid1.mounted_targets()
+
+
+def test_prctl_with_invalid_option_raises_einval() -> None:
+    with pytest.raises(OSError) as info:
+        sysapi.prctl(0x7FFF_FFFF, 0)
+    assert info.value.errno == errno.EINVAL
+    assert f"prctl({0x7FFF_FFFF})" in str(info.value)
+
+
+def test_libc_is_loaded_once() -> None:
+    assert sysapi.libc() is sysapi.libc()
+
+
+def test_add_entropy_with_empty_seed_does_nothing() -> None:
+    assert sysapi.add_entropy(b"") is None
+
+
+LOOPBACK_PROBE = """
+import json, socket
+from runm.agent import pid1
+
+def localhost_works():
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            with socket.create_connection(server.getsockname(), timeout=5):
+                return True
+    except OSError:
+        return False
+
+before = localhost_works()
+pid1._loopback_up()
+after = localhost_works()
+pid1._loopback_up()  # again: no error when it is already up
+print(json.dumps([before, after]))
+"""
+
+
+def test_loopback_up_makes_localhost_usable_in_a_fresh_network_namespace() -> None:
+    """What the guest's PID 1 does at boot, tried in a new (empty) network namespace."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare(1) not installed")
+    env = dict(os.environ, PYTHONPATH=str(Path(pid1.__file__).parents[2]))
+    proc = subprocess.run([unshare, "--net", sys.executable, "-c", LOOPBACK_PROBE],
+                          capture_output=True, text=True, env=env, timeout=30, check=False)
+    if proc.returncode != 0 and "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot create a network namespace: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, True]
