@@ -6,6 +6,12 @@ cd "$(dirname "$(readlink -f "$0")")/.."
 
 APT_PACKAGES=(qemu-system-x86 runc busybox-static erofs-utils squashfs-tools mmdebstrap lz4
               ca-certificates python3 python3-venv)
+# --dev: the real callers the end-to-end tests drive (tests/e2e/callers.py). The fixtures start
+# private daemons of their own and never use (or conflict with) system-wide ones.
+DEV_APT_PACKAGES=(podman conmon containerd docker.io)
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+[ "$dev" = 1 ] && APT_PACKAGES+=("${DEV_APT_PACKAGES[@]}")
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -13,15 +19,20 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "runm: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Quiet unless it fails, then show apt's log.
+  log=$(mktemp)
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+      >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"
 fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+[ "$dev" = 1 ] && extra="[dev]"
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
 ln -sf "$PWD/.venv/bin/runm" /usr/local/bin/runm
 ln -sf "$PWD/.venv/bin/containerd-shim-runm-v2" /usr/local/bin/containerd-shim-runm-v2

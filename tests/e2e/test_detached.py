@@ -113,8 +113,8 @@ def test_exec_attached_detached_and_errors(runm: Runm, tmp_path: Path) -> None:
     assert ex.returncode == 4
     assert ex.stdout == b"hello\n" and ex.stderr == b"err\n"
 
-    process = {"args": ["sh", "-c", "echo $FOO; pwd"], "cwd": "/tmp", "env": ["FOO=bar", "PATH=/bin"],
-               "user": {"uid": 0, "gid": 0}, "terminal": False}
+    process = {"args": ["sh", "-c", "echo $FOO; pwd"], "cwd": "/tmp",
+               "env": ["FOO=bar", "PATH=/bin"], "user": {"uid": 0, "gid": 0}, "terminal": False}
     (tmp_path / "process.json").write_text(json.dumps(process))
     ex = runm.run("exec", "--process", str(tmp_path / "process.json"), "c3")
     assert (ex.returncode, ex.stdout) == (0, b"bar\n/tmp\n"), ex.stderr.decode()

@@ -288,8 +288,6 @@ def test_invalid_ids_are_rejected(command: str, bad: str, root: Path,
     assert error_line(capsys.readouterr().err) == f"invalid container id format: {bad}"
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="bug: an over-long id escapes as an OSError traceback")
 def test_state_of_an_overlong_id_is_a_clean_error(
         root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root.mkdir()

@@ -114,16 +114,15 @@ def test_load_errors(tmp_path: Path) -> None:
         store.load("bad")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: a state.json with an unknown or missing key (another runm "
-                          "version) escapes as TypeError, so `runm list` crashes")
-def test_load_of_a_state_file_from_another_version_is_a_runm_error(tmp_path: Path) -> None:
+def test_fields_from_another_version_are_ignored(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.create(rec())
     data = json.loads((store.dir("c1") / "state.json").read_text())
     data["added_in_a_later_version"] = 1
     (store.dir("c1") / "state.json").write_text(json.dumps(data))
-    with pytest.raises(RunmError):
+    assert store.load("c1").id == "c1"
+    (store.dir("c1") / "state.json").write_text(json.dumps({"id": "c1"}))
+    with pytest.raises(RunmError, match="reading state of c1"):
         store.load("c1")
 
 
@@ -237,15 +236,11 @@ def test_validate_id_empty() -> None:
         validate_id("")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `$` also matches before a trailing newline, so "
-                                       "ids like 'abc\\n' pass (runc rejects them)")
 def test_validate_id_rejects_a_trailing_newline() -> None:
     with pytest.raises(RunmError):
         validate_id("abc\n")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Python's \\w is Unicode; runc's (Go RE2) \\w is "
-                                       "ASCII-only, so runc rejects 'café'")
 def test_validate_id_rejects_non_ascii_letters() -> None:
     with pytest.raises(RunmError):
         validate_id("café")

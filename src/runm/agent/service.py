@@ -21,6 +21,7 @@ from runm.agent import stdio as stdio_copy
 from runm.agent import sysapi
 from runm.agent.reaper import Reaper
 from runm.agent.runc import Runc, RuncError, read_pid_file, remove_tree
+from runm.agent.specadapt import write_guest_bundle
 from runm.channel.mux import MuxStream
 from runm.proto import agent as api
 from runm.proto.codec import Message
@@ -146,7 +147,15 @@ class AgentService:
         state_dir.mkdir(parents=True, exist_ok=True)
         pid_file = state_dir / "init.pid"
         proc = ManagedProcess(req.id, "")
-        args = ["create", "--bundle", req.bundle, "--pid-file", str(pid_file)]
+        try:
+            notes = write_guest_bundle(req.bundle, req.id, state_dir / "bundle")
+        except (OSError, ValueError) as err:
+            remove_tree(state_dir)
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the bundle's config.json: {err}"
+                             ) from err
+        for note in notes:
+            log.info("container %s: %s", req.id, note)
+        args = ["create", "--bundle", str(state_dir / "bundle"), "--pid-file", str(pid_file)]
         if req.no_pivot:
             args.append("--no-pivot")
         stdio = req.stdio or api.Stdio()
@@ -158,7 +167,7 @@ class AgentService:
                 remove_tree(state_dir)
             raise
         self.containers[req.id] = ManagedContainer(req.id, req.bundle, proc)
-        return api.CreateContainerResponse(pid=proc.pid)
+        return api.CreateContainerResponse(pid=proc.pid, notes=notes)
 
     async def start_container(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
         self._container(req.id)

@@ -54,7 +54,9 @@ class Logging:
         handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(terminal))
         root = logging.getLogger()
         root.handlers[:] = [handler]
-        root.setLevel(logging.DEBUG if debug else logging.WARNING)
+        # runc logs info and up to its --log file; on a terminal only what needs attention
+        root.setLevel(logging.DEBUG if debug else logging.WARNING if self.to_stderr
+                      else logging.INFO)
         # quiet libraries that log at INFO/WARNING on normal disconnects
         logging.getLogger("qemu").setLevel(logging.CRITICAL)
 

@@ -60,6 +60,7 @@ class CreateContainerRequest(Message):
 @dataclass
 class CreateContainerResponse(Message):
     pid: int = pfield(1, "uint32")
+    notes: list[str] = pfield(2, "string", repeated=True)  # how the spec was adapted
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TypeVar
 
 from runm.proto import agent as api
@@ -9,6 +10,7 @@ from runm.proto.codec import Message
 from runm.ttrpc import Client
 
 R = TypeVar("R", bound=Message)
+log = logging.getLogger("runm.sandbox")
 
 
 class AgentClient:
@@ -31,7 +33,10 @@ class AgentClient:
     async def create_container(self, container_id: str, bundle: str, stdio: api.Stdio,
                                *, no_pivot: bool = False) -> int:
         req = api.CreateContainerRequest(container_id, bundle, stdio, no_pivot)
-        return (await self._call("CreateContainer", req, api.CreateContainerResponse)).pid
+        resp = await self._call("CreateContainer", req, api.CreateContainerResponse)
+        for note in resp.notes:
+            log.info("adapted the spec of %s for the VM: %s", container_id, note)
+        return resp.pid
 
     async def start_container(self, container_id: str) -> None:
         await self._call("StartContainer", api.ContainerRequest(container_id), api.Empty)

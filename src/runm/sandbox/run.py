@@ -47,12 +47,8 @@ class RunOptions:
 
 
 def bundle_shares(bundle: Bundle) -> list[Share]:
-    """The bundle, and the rootfs when it lives elsewhere, at their host paths."""
-    shares = [Share("bundle", bundle.path, str(bundle.path))]
-    rootfs = bundle.rootfs.resolve()
-    if not rootfs.is_relative_to(bundle.path):
-        shares.append(Share("rootfs", rootfs, str(rootfs)))
-    return shares
+    """One virtiofs share per directory the container needs, at its host path."""
+    return [Share(f"share{i}", path, str(path)) for i, path in enumerate(bundle.shared_dirs())]
 
 
 def write_pid_file(path: str, pid: int) -> None:

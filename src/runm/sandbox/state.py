@@ -81,14 +81,21 @@ class StateStore:
     def load(self, container_id: str) -> ContainerRecord:
         try:
             data = json.loads((self.dir(container_id) / "state.json").read_text())
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # missing, or not a valid path at all (e.g. a 300-byte id)
             raise RunmError("container does not exist") from None
         except ValueError as err:
             raise RunmError(f"reading state of {container_id}: {err}") from None
-        return ContainerRecord(**data)
+        if not isinstance(data, dict):
+            raise RunmError(f"reading state of {container_id}: not a JSON object")
+        known = {f.name for f in dataclasses.fields(ContainerRecord)}
+        try:  # fields written by another runm version are ignored
+            return ContainerRecord(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise RunmError(f"reading state of {container_id}: {err}") from None
 
     def remove(self, container_id: str) -> None:
-        shutil.rmtree(self.dir(container_id), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.dir(container_id), ignore_errors=True)
 
     @contextlib.contextmanager
     def lock(self, container_id: str) -> Iterator[None]:
@@ -96,7 +103,7 @@ class StateStore:
         path = self.dir(container_id) / ".lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
+        except OSError:
             raise RunmError("container does not exist") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -1,0 +1,60 @@
+"""Adapting a host-side OCI spec for the guest, saying what changed.
+
+The guest's runc reads the caller's config.json at its host path, but a few settings only mean
+something on the host: namespace paths (a netns under /var/run/netns), hooks that run host
+binaries, systemd cgroup paths when the guest has no systemd. Such settings are rewritten in a
+guest-local copy of the spec, and every change is reported back (the host logs them).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+
+def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
+               exists: Any = os.path.exists) -> tuple[dict[str, Any], list[str]]:
+    """Return (the spec for the guest's runc, human-readable notes on what was changed)."""
+    out = copy.deepcopy(spec)
+    notes: list[str] = []
+    root = out.setdefault("root", {})
+    root_path = str(root.get("path", "rootfs"))
+    if not os.path.isabs(root_path):
+        root["path"] = os.path.join(bundle, root_path)  # the copy lives outside the bundle
+    linux = out.get("linux") or {}
+    for ns in linux.get("namespaces") or []:
+        path = ns.get("path")
+        if path and not exists(path):
+            del ns["path"]
+            notes.append(f"{ns.get('type')} namespace: {path} exists only on the host; "
+                         "the container gets a new one in the VM")
+    cgroups_path = linux.get("cgroupsPath")
+    if isinstance(cgroups_path, str) and ":" in cgroups_path:
+        linux["cgroupsPath"] = f"/runm/{container_id}"
+        notes.append(f"cgroupsPath {cgroups_path!r} is a systemd slice on the host; "
+                     f"using {linux['cgroupsPath']!r} in the VM")
+    hooks = out.get("hooks") or {}
+    for stage in list(hooks):
+        kept = []
+        for hook in hooks[stage] or []:
+            if exists(str(hook.get("path", ""))):
+                kept.append(hook)
+            else:
+                notes.append(f"{stage} hook {hook.get('path')} is a host binary; not run in "
+                             "the VM")
+        hooks[stage] = kept
+    return out, notes
+
+
+def write_guest_bundle(bundle: str, container_id: str, guest_dir: Path) -> list[str]:
+    """Write the adapted spec into guest_dir/config.json; return the notes."""
+    import json
+
+    with open(Path(bundle) / "config.json") as f:
+        spec = json.load(f)
+    adapted, notes = adapt_spec(spec, bundle, container_id)
+    guest_dir.mkdir(parents=True, exist_ok=True)
+    (guest_dir / "config.json").write_text(json.dumps(adapted))
+    return notes
