@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
 
-from bench import RESULTS
+from bench import RESULTS, SRC
 from bench.figures import (
     FIGURES,
     Config,
@@ -96,11 +97,35 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def snapshot_src(work: Path) -> Path:
+    """Copy src/runm into work and import runm from there, for the bench and every runm it
+    starts: edits to the checkout during a long run (which change the guest image digest)
+    cannot change what is measured half-way."""
+    if "runm" in sys.modules:  # already imported (not by `python -m bench`): measure that
+        import runm
+
+        return Path(runm.__file__).resolve().parent.parent
+    dest = work / "src"
+    shutil.copytree(SRC / "runm", dest / "runm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    sys.path.insert(0, str(dest))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = stderr_log
     if args.data_dir:
         os.environ["RUNM_DATA_DIR"] = args.data_dir
+    work = Path(tempfile.mkdtemp(prefix="runm-bench-"))
+    try:
+        return _main(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _main(args: argparse.Namespace, work: Path) -> int:
+    log = stderr_log
+    src = snapshot_src(work)
     from bench import hostinfo
     from bench.harness import Harness
     from bench.report import draw_chart, render, write_json
@@ -134,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _raise_interrupt)
     figures: list[Figure] = []
     interrupted = False
-    harness = Harness(Path(tempfile.mkdtemp(prefix="runm-bench-")), data_dir, image,
-                      timeout=args.timeout)
+    harness = Harness(work, data_dir, image, src=src, timeout=args.timeout)
     try:
         if "cold" in want:
             figures.append(cold(harness, cfg, log))

@@ -294,13 +294,14 @@ def exec_latency(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         native = h.timed(h.runc_cli("run", "-d", "--bundle", str(bundle), nid), nid)
         log(f"[exec] runm run -d {_brief(started, fmt_value(Kind.TIME, started.wall))} | "
             f"runc run -d {_brief(native, fmt_value(Kind.TIME, native.wall))}")
+        skipped = RunResult(error="not run: `run -d` failed")
         for counted, tag in cfg.rounds():
             r = h.timed(h.runm_cli("exec", rid, "true"), h.new_id("exec-x")) if started.ok \
-                else started
+                else skipped
             st = h.timed(h.runm_cli("state", rid), h.new_id("exec-state")) if started.ok \
-                else started
+                else skipped
             n = h.timed(h.runc_cli("exec", nid, "true"), h.new_id("exec-runc-x")) \
-                if native.ok else native
+                if native.ok else skipped
             log(f"[exec {tag}] runm exec {_brief(r, fmt_value(Kind.TIME, r.wall))} | runm "
                 f"state {_brief(st, fmt_value(Kind.TIME, st.wall))} | runc exec "
                 f"{_brief(n, fmt_value(Kind.TIME, n.wall))}")

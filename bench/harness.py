@@ -46,8 +46,8 @@ class RunResult:
 
 
 class Harness:
-    def __init__(self, work: Path, data_dir: Path, image: Any, timeout: float = 600.0,
-                 boot_timeout: float = 300.0) -> None:
+    def __init__(self, work: Path, data_dir: Path, image: Any, src: Path = SRC,
+                 timeout: float = 600.0, boot_timeout: float = 300.0) -> None:
         self.work = work
         self.image = image
         self.timeout = timeout
@@ -57,7 +57,7 @@ class Harness:
         for d in (self.runm_root, self.runc_root, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
         env["RUNM_DATA_DIR"] = str(data_dir)
         env["RUNM_AUTO_BUILD"] = "0"  # the bench found or built the image up front
         env.setdefault("RUNM_BOOT_TIMEOUT", str(int(boot_timeout)))
@@ -315,7 +315,8 @@ class Harness:
         if leftovers:
             cleaned.append(f"killed leftover descendants {leftovers}")
             kill_pids(leftovers)
-        shutil.rmtree(self.work, ignore_errors=True)
+        for d in (self.runm_root, self.runc_root, self.logs, self.work / "bundles"):
+            shutil.rmtree(d, ignore_errors=True)
         return cleaned
 
 
@@ -338,6 +339,7 @@ class Batch:
 
     def __init__(self, harness: Harness, argvs: list[tuple[str, list[str]]]) -> None:
         self.harness = harness
+        self._failed: set[int] = set()  # already reported by wait_ready
         self.names = [name for name, _ in argvs]
         n = len(argvs)
         self.ready_at: list[float | None] = [None] * n
@@ -373,6 +375,7 @@ class Batch:
                 errors.append(f"{self.names[i]}: no first line within {timeout:.0f}s")
             elif self.ready_at[i] is None:
                 self.procs[i].wait()
+                self._failed.add(i)
                 errors.append(f"{self.names[i]}: " + self.harness._failure(
                     self.names[i], self.procs[i].returncode, "exited before its first line"
                     f" (status {self.procs[i].returncode})"))
@@ -389,14 +392,14 @@ class Batch:
                     proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         errors: list[str] = []
-        for name, proc in zip(self.names, self.procs, strict=True):
+        for i, (name, proc) in enumerate(zip(self.names, self.procs, strict=True)):
             try:
                 rc = proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 stop_process(proc, grace=5)
                 errors.append(f"{name}: did not stop on SIGTERM within {grace:.0f}s")
                 rc = proc.returncode
-            if rc not in (0, None):
+            if rc not in (0, None) and i not in self._failed:
                 errors.append(f"{name}: " + self.harness._failure(name, rc))
             self.harness._reaped(proc)
         for t in self._threads:

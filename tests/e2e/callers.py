@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -327,9 +328,20 @@ def busybox_image(e2e_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runtime_binary() -> str:
-    """The runtime under test. Override this fixture (or set RUNM_E2E_RUNTIME) to swap in runm."""
-    return os.environ.get("RUNM_E2E_RUNTIME", RUNC)
+def runtime_binary(e2e_dir: Path, guest_image: object) -> str:
+    """The runtime under test: runm from this checkout (RUNM_E2E_RUNTIME=/usr/sbin/runc runs the
+    same tests against plain runc, to tell the callers' behaviour from runm's)."""
+    forced = os.environ.get("RUNM_E2E_RUNTIME")
+    if forced:
+        return forced
+    src = Path(__file__).resolve().parents[2] / "src"
+    path = e2e_dir / "bin" / "runm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n"
+                    f"PYTHONPATH={shlex.quote(str(src))} "
+                    f"exec {shlex.quote(sys.executable)} -m runm.cli.main \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 @dataclass
@@ -445,6 +457,8 @@ default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 
 [engine]
 cgroup_manager = "cgroupfs"
+# podman passes --log-format=json --log FILE only to runtimes it knows understand them.
+runtime_supports_json = ["runm", "runc", "crun"]
 events_logger = "file"
 events_logfile_path = "{directory}/events.log"
 # File locks under tmp_dir rather than the host-wide /dev/shm/libpod_lock.

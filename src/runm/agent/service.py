@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import struct
 import termios
@@ -191,7 +192,8 @@ class AgentService:
                 req.container_id]
         stdio = req.stdio or api.Stdio()
         try:
-            await self._launch(proc, args, stdio, state_dir, pid_file)
+            await self._launch(proc, args, stdio, state_dir, pid_file,
+                               _console_size(req.process_json))
         except BaseException:
             proc.close()
             raise
@@ -199,14 +201,16 @@ class AgentService:
         return api.ProcessResponse(pid=proc.pid)
 
     async def _launch(self, proc: ManagedProcess, args: list[str], stdio: api.Stdio,
-                      state_dir: Path, pid_file: Path) -> None:
+                      state_dir: Path, pid_file: Path,
+                      console_size: tuple[int, int] | None = None) -> None:
         """Run `runc create|exec` for proc with its stdio wired to mux streams."""
         child_fds: list[int] = []
         keep: list[tuple[str, int]] = []  # (direction, our end)
         console: socket.socket | None = None
         try:
             if stdio.terminal:
-                console_path = state_dir / "console.sock"
+                # container ids can be 64 chars: keep the path well under sun_path's 108
+                console_path = Path("/run") / f"runm-console-{secrets.token_hex(6)}.sock"
                 with contextlib.suppress(FileNotFoundError):
                     console_path.unlink()
                 console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -231,12 +235,16 @@ class AgentService:
                                                    stdout=fds[1], stderr=fds[2]))
             if console is not None:
                 proc.tty_master = await _receive_console(console, run)
+                if console_size:  # before the process looks (runc races us otherwise)
+                    _set_window(proc.tty_master, *console_size)
             await run
         finally:
             for fd in child_fds:
                 os.close(fd)
             if console is not None:
                 console.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(console_path)
         proc.pid = read_pid_file(pid_file)
         proc.status = self.reaper.watch(proc.pid)
         proc.status.add_done_callback(lambda _: _mark_exited(proc))
@@ -298,8 +306,7 @@ class AgentService:
         proc = self._process(req.container_id, req.exec_id)
         if proc.tty_master < 0:
             raise TtrpcError(Code.FAILED_PRECONDITION, "process has no terminal")
-        fcntl.ioctl(proc.tty_master, termios.TIOCSWINSZ,
-                    struct.pack("HHHH", req.rows, req.cols, 0, 0))
+        _set_window(proc.tty_master, req.rows, req.cols)
         return api.Empty()
 
     async def delete_container(self, req: api.DeleteRequest, ctx: CallContext) -> api.Empty:
@@ -351,6 +358,20 @@ class AgentService:
             elif "not running" in text or "not stopped" in text:
                 code = Code.FAILED_PRECONDITION
             raise TtrpcError(code, text) from err
+
+
+def _set_window(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _console_size(process_json: str) -> tuple[int, int] | None:
+    """The OCI process's consoleSize (rows, cols), if it has one."""
+    try:
+        size = json.loads(process_json).get("consoleSize") or {}
+        rows, cols = int(size.get("height", 0)), int(size.get("width", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return (rows, cols) if rows and cols else None
 
 
 def _mark_exited(proc: ManagedProcess) -> None:

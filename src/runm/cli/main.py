@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -257,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a bug: say so plainly; the traceback goes to the debug log
+        import traceback
+
+        logging.getLogger("runm").debug("%s", traceback.format_exc())
+        logs.fatal(f"internal error: {err}")
+        return 1
 
 
 if __name__ == "__main__":

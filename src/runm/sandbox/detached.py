@@ -47,10 +47,24 @@ def _send_console(console_socket: str, master: int) -> None:
     """runc's console-socket protocol: one message, the pty master as SCM_RIGHTS."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            sock.connect(console_socket)
+            connect_unix_long(sock, console_socket)
         except OSError as err:
-            raise RunmError(f"dial unix {console_socket}: {err.strerror}") from None
+            raise RunmError(f"dial unix {console_socket}: {err.strerror or err}") from None
         socket.send_fds(sock, [b"/dev/ptmx"], [master])
+
+
+def connect_unix_long(sock: socket.socket, path: str) -> None:
+    """connect() to a unix socket whose path may exceed sun_path (108 bytes), as callers'
+    socket dirs often do: go through /proc/self/fd/N of its directory."""
+    if len(path.encode()) < 108:
+        sock.connect(path)
+        return
+    directory, name = os.path.split(path)
+    dirfd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{dirfd}/{name}")
+    finally:
+        os.close(dirfd)
 
 
 def _pid_alive(pid: int, marker: str) -> bool:
