@@ -112,6 +112,23 @@ def snapshot_src(work: Path) -> Path:
     return dest
 
 
+def pin_image(image_dir: Path, data_dir: Path, work: Path) -> Path:
+    """A private RUNM_DATA_DIR holding (hard links to) this one image and the accelerator
+    cache: runm prunes old images when a newer one is built, and concurrent work on the
+    checkout builds new ones, which must not pull the image from under a long run."""
+    private = work / "data"
+    dest = private / "guest" / "images" / image_dir.name
+    dest.mkdir(parents=True)
+    for f in image_dir.iterdir():
+        try:
+            os.link(f, dest / f.name)
+        except OSError:
+            shutil.copy2(f, dest / f.name)
+    if (data_dir / "accel").is_dir():
+        shutil.copytree(data_dir / "accel", private / "accel")
+    return private
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.data_dir:
@@ -130,7 +147,7 @@ def _main(args: argparse.Namespace, work: Path) -> int:
     from bench.harness import Harness
     from bench.report import draw_chart, render, write_json
     from runm.errors import RunmError
-    from runm.guest.image import GuestImageError, default_data_dir, ensure_image
+    from runm.guest.image import GuestImageError, default_data_dir, ensure_image, find_image
     from runm.vm.accel import choose_accelerator
     from runm.vm.base import VMError
     from runm.vm.qemu import qemu_binary
@@ -138,14 +155,25 @@ def _main(args: argparse.Namespace, work: Path) -> int:
     data_dir = default_data_dir()
     os.environ["RUNM_DATA_DIR"] = str(data_dir)  # the accelerator cache lives there too
     try:
-        image = ensure_image(data_dir, progress=lambda s: log(f"guest image: {s}"))
         qemu = qemu_binary()
+        for attempt in range(3):  # a concurrent build may prune it between the two steps
+            image = ensure_image(data_dir, progress=lambda s: log(f"guest image: {s}"))
+            try:
+                private = pin_image(image.kernel.parent, data_dir, work)
+                break
+            except FileNotFoundError:
+                shutil.rmtree(work / "data", ignore_errors=True)
+                if attempt == 2:
+                    raise
+        os.environ["RUNM_DATA_DIR"] = str(private)
+        image = find_image(private)
     except (GuestImageError, RunmError, VMError, OSError) as err:
         log(f"bench: cannot prepare runm: {err}")
         return 2
     accel = choose_accelerator(image.kernel)
     cfg = make_config(args, accel)
     info = hostinfo.collect(accel, qemu, image.kernel_release)
+    info["guest_image"] = f"{image.digest[:12]} from {data_dir} (pinned for the run)"
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     json_path = Path(args.json) if args.json else RESULTS / f"bench-{stamp}.json"
     chart_path = Path(args.chart) if args.chart else RESULTS / f"bench-{stamp}.png"
@@ -159,7 +187,7 @@ def _main(args: argparse.Namespace, work: Path) -> int:
         signal.signal(signum, _raise_interrupt)
     figures: list[Figure] = []
     interrupted = False
-    harness = Harness(work, data_dir, image, src=src, timeout=args.timeout)
+    harness = Harness(work, private, image, src=src, timeout=args.timeout)
     try:
         if "cold" in want:
             figures.append(cold(harness, cfg, log))

@@ -97,6 +97,7 @@ def header_lines(info: dict[str, Any]) -> list[str]:
                                          if info["accel"] == "tcg" else ""),
         f"qemu       {info['qemu']}",
         f"runc       {info['runc']} (host, native baselines)",
-        f"guest      kernel {info['guest_kernel']}",
+        f"guest      kernel {info['guest_kernel']}"
+        + (f", image {info['guest_image']}" if info.get("guest_image") else ""),
         f"runm       {info['runm']}, {info['python']}",
     ]

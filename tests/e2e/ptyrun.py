@@ -14,10 +14,12 @@ from collections.abc import Sequence
 
 def run_on_pty(argv: Sequence[str], env: dict[str, str], *, rows: int = 30, cols: int = 90,
                send: bytes = b"", expect: bytes = b"", timeout: float = 180,
-               ) -> tuple[int, bytes]:
+               retype_until: bytes = b"") -> tuple[int, bytes]:
     """Run argv with a pty as its stdio; after `expect` shows up, type `send`.
 
-    Returns (exit status, everything the terminal showed).
+    With `retype_until`, `send` is typed again each second until that text shows up (like a
+    person re-running a command), then once more `send` is not typed: the caller's program
+    must end by itself after seeing it. Returns (exit status, everything the terminal showed).
     """
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
@@ -27,12 +29,19 @@ def run_on_pty(argv: Sequence[str], env: dict[str, str], *, rows: int = 30, cols
     os.close(slave)
     seen = b""
     sent = not send
+    last_typed = 0.0
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if not sent and expect in seen:
                 os.write(master, send)
+                sent = not retype_until
+                last_typed = time.monotonic()
+            elif retype_until and not sent and retype_until in seen:
                 sent = True
+            elif retype_until and not sent and time.monotonic() - last_typed > 1.0:
+                os.write(master, send)
+                last_typed = time.monotonic()
             ready, _, _ = select.select([master], [], [], 1.0)
             if not ready:
                 if proc.poll() is not None:

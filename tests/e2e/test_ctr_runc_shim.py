@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.conftest import wait_until
+
 if TYPE_CHECKING:
     from tests.e2e.callers import Containerd, RuntimeTrace
 
@@ -31,7 +33,10 @@ def test_ctr_run_exec_pause_kill_delete(containerd: Containerd, runtime: str,
     assert "PAUSED" in containerd.ctr("task", "ls").stdout
     containerd.ctr("task", "resume", "svc")
     assert "RUNNING" in containerd.ctr("task", "ls").stdout
+    running = containerd.ctr("task", "delete", "svc", check=False)
+    assert running.returncode != 0 and "must be stopped" in running.stderr
     containerd.ctr("task", "kill", "-s", "SIGKILL", "svc")
+    assert wait_until(lambda: "STOPPED" in containerd.ctr("task", "ls").stdout, timeout=60)
     containerd.ctr("task", "delete", "svc", timeout=120)
     containerd.ctr("container", "rm", "svc")
     assert containerd.ctr("task", "ls", "-q").stdout == ""

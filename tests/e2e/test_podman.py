@@ -74,9 +74,13 @@ def test_run_it_and_exec_it_on_a_terminal(podman: Podman) -> None:
     assert "got:typed" in text
 
     podman.run("run", "-d", "--name", "shell", "--network=none", podman.image, "sleep", "600")
-    status, screen = run_on_pty(podman.argv("exec", "-it", "shell", "sh", "-c",
-                                            "tty; stty size"),
-                                podman.env, rows=20, cols=70)
+    # The exec's pty takes the caller's size once podman has sized conmon's end (after the
+    # exec started): like a person, ask again until it shows.
+    script = "tty; while read line; do s=$(stty size); echo size:$s; [ \"$s\" = '20 70' ] " \
+             "&& exit 0; done"
+    status, screen = run_on_pty(podman.argv("exec", "-it", "shell", "sh", "-c", script),
+                                podman.env, rows=20, cols=70, expect=b"/dev/pts/",
+                                send=b"\r", retype_until=b"size:20 70")
     assert status == 0, screen
     assert b"/dev/pts/" in screen and b"20 70" in screen
     podman.run("rm", "-f", "shell", timeout=120)

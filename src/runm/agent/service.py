@@ -161,7 +161,10 @@ class AgentService:
             args.append("--no-pivot")
         stdio = req.stdio or api.Stdio()
         try:
-            await self._launch(proc, [*args, req.id], stdio, state_dir, pid_file)
+            spec_process = json.loads((state_dir / "bundle" / "config.json").read_text()).get(
+                "process") or {}
+            await self._launch(proc, [*args, req.id], stdio, state_dir, pid_file,
+                               _console_size(json.dumps(spec_process)))
         except BaseException:
             proc.close()
             with contextlib.suppress(OSError):

@@ -157,6 +157,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
     process = exec_process(args, container.record.bundle)
     if args.tty:
         process["terminal"] = True
+    if process.get("terminal") and not args.console_socket and "consoleSize" not in process:
+        from runm.sandbox.standin import window_size
+
+        size = window_size(0)
+        if size:
+            process["consoleSize"] = {"height": size[0], "width": size[1]}
     return int(container.exec(process, detach=args.detach, pid_file=args.pid_file,
                               console_socket=args.console_socket))
 

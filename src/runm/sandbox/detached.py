@@ -312,6 +312,12 @@ class Container:
         else:
             fds, wanted = [0, 1, 2], [True, True, True]
         try:
+            if tty_slave is not None and "consoleSize" not in process:
+                from runm.sandbox.standin import window_size
+
+                size = window_size(tty_slave)  # the caller may have sized its master already
+                if size and all(size):
+                    process = dict(process, consoleSize={"height": size[0], "width": size[1]})
             self._attach(exec_id, fds, wanted)
             request = api.ExecProcessRequest(self.id, exec_id, json.dumps(process),
                                              api.Stdio(terminal=terminal))

@@ -54,7 +54,7 @@ async def stand_in(socket_path: str, exec_id: str, tty_fd: int | None) -> int:
             with contextlib.suppress(TtrpcError, ConnectionError):
                 if signum == signal.SIGWINCH:
                     size = window_size(tty_fd) if tty_fd is not None else None
-                    if size:
+                    if size and all(size):
                         await call(client, "Resize",
                                    api.ResizeRequest("", exec_id, *size), api.Empty)
                     return
@@ -86,7 +86,8 @@ def take_terminal(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.setsid()
     with contextlib.suppress(OSError):
-        fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+        # 1 = take it even if the `runm exec` that opened the pty got it as its own ctty
+        fcntl.ioctl(fd, termios.TIOCSCTTY, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
