@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ def write_json(path: Path, info: dict[str, Any], cfg: Config, figures: list[Figu
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def draw_chart(path: Path, info: dict[str, Any], figures: list[Figure]) -> str | None:
     """Draw one panel per measured figure; return why not if it cannot."""
     try:
@@ -110,15 +115,16 @@ def draw_chart(path: Path, info: dict[str, Any], figures: list[Figure]) -> str |
                   for m in shown]
         y = list(range(len(shown)))
         ax.barh(y, meds, xerr=[lo, hi], color=colors, capsize=3)
-        ax.set_yticks(y, [m.label for m in shown], fontsize=7)
+        ax.set_yticks(y, [shorten(m.label, 48) for m in shown], fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel(shown[0].kind.value, fontsize=8)
-        ax.set_title(figure.title, fontsize=8, loc="left")
+        ax.set_title(textwrap.fill(figure.title, 110), fontsize=8, loc="left")
         for yi, m in zip(y, shown, strict=True):
             assert m.summary is not None
-            ax.text(m.summary.median, yi, " " + fmt_value(m.kind, m.summary.median),
+            ax.text(m.summary.hi, yi, "  " + fmt_value(m.kind, m.summary.median),
                     va="center", fontsize=7)
+        ax.margins(x=0.15)
     fig.suptitle(f"runm bench {info.get('date', '')}  accel={info.get('accel', '?')}  "
                  f"{info.get('cpu_model', '')} x{info.get('cores', '?')}", fontsize=9)
     fig.tight_layout()

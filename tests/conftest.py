@@ -15,10 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAK_PATTERNS = ("qemu-system", "virtiofsd")
+LEAK_MODULES = ("runm.sandbox.monitor", "runm.sandbox.standin")
 
 
 def vm_processes() -> dict[int, str]:
-    """pid -> cmdline of every QEMU and virtiofsd on the host."""
+    """pid -> cmdline of every QEMU, virtiofsd, runm monitor and stand-in on the host."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -27,7 +28,8 @@ def vm_processes() -> dict[int, str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if any(p in cmdline.split(" ", 1)[0] for p in LEAK_PATTERNS):
+        if any(p in cmdline.split(" ", 1)[0] for p in LEAK_PATTERNS) or \
+                any(f"-m {module} " in cmdline for module in LEAK_MODULES):
             found[int(entry.name)] = cmdline
     return found
 

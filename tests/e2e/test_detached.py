@@ -130,6 +130,18 @@ def test_exec_attached_detached_and_errors(runm: Runm, tmp_path: Path) -> None:
     assert runm.run("exec", "c3").returncode == 1  # no command
     assert state(runm, "c3")["status"] == "running", "bad exec input leaves the container as is"
 
+    stats = runm.run("events", "--stats", "c3")
+    assert stats.returncode == 0, stats.stderr.decode()
+    event = json.loads(stats.stdout)
+    assert event["type"] == "stats" and event["id"] == "c3"
+    assert event["data"]["pids"]["current"] >= 1
+    assert event["data"]["memory"]["usage"]["usage"] > 0
+    update = runm.run("update", "--memory", "67108864", "--pids-limit", "64", "c3")
+    assert update.returncode == 0, update.stderr.decode()
+    limits = json.loads(runm.run("events", "--stats", "c3").stdout)["data"]
+    assert limits["pids"]["limit"] == 64
+    assert limits["memory"]["usage"]["limit"] == 67108864
+
     assert runm.run("pause", "c3").returncode == 0
     assert state(runm, "c3")["status"] == "paused"
     assert runm.run("resume", "c3").returncode == 0
@@ -156,6 +168,10 @@ def test_unknown_ids_and_force_delete(runm: Runm) -> None:
         assert result.returncode == 1, verb
         assert b"container does not exist" in result.stderr, (verb, result.stderr)
     assert runm.run("delete", "--force", "ghost").returncode == 0
+    features = json.loads(runm.run("features").stdout)
+    assert features["linux"]["cgroup"]["v2"] is True
+    version = runm.run("--version").stdout.decode()
+    assert version.startswith("runc version "), "go-runc parses the first line"
 
 
 def test_terminal_via_console_socket(runm: Runm, tmp_path: Path) -> None:

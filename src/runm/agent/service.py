@@ -94,6 +94,8 @@ class AgentService:
             "PauseContainer": (api.ContainerRequest, self.pause_container),
             "ResumeContainer": (api.ContainerRequest, self.resume_container),
             "ListProcesses": (api.ContainerRequest, self.list_processes),
+            "Stats": (api.ContainerRequest, self.stats),
+            "Update": (api.JsonMessage, self.update),
             "Shutdown": (api.Empty, self.shutdown),
         }
         for method, (request_type, handler) in handlers.items():
@@ -349,6 +351,23 @@ class AgentService:
         except RuncError as err:
             raise TtrpcError(Code.UNKNOWN, str(err)) from err
         return api.PsResponse(pids=[int(p) for p in json.loads(out or "[]")])
+
+    async def stats(self, req: api.ContainerRequest, ctx: CallContext) -> api.JsonMessage:
+        """runc's own stats event (`runc events --stats`), from the guest's cgroup v2."""
+        self._container(req.id)
+        try:
+            out = await self.runc.output(req.id, ["events", "--stats", req.id])
+        except RuncError as err:
+            raise TtrpcError(Code.FAILED_PRECONDITION if "not running" in str(err)
+                             else Code.UNKNOWN, str(err)) from err
+        return api.JsonMessage(id=req.id, json=out.strip())
+
+    async def update(self, req: api.JsonMessage, ctx: CallContext) -> api.Empty:
+        self._container(req.id)
+        path = self.runc.state_dir / req.id / "resources.json"
+        path.write_text(req.json)
+        await self._runc(req.id, ["update", "--resources", str(path), req.id])
+        return api.Empty()
 
     async def _runc(self, container_id: str, args: list[str], **fds: int | None) -> None:
         try:

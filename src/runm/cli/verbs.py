@@ -231,3 +231,131 @@ def add_verbs(sub: Any) -> None:
     ex.add_argument("--cgroup", help="accepted; no effect")
     ex.add_argument("--ignore-paused", action="store_true", help="accepted; no effect")
     ex.set_defaults(func=cmd_exec)
+    add_more_verbs(sub)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """runc events: one stats event with --stats; otherwise one per interval until it stops."""
+    import time
+
+    container = _container(args)
+    interval = parse_duration(args.interval)
+    while True:
+        event = container.stats()
+        print(json.dumps(event), flush=True)
+        if args.stats:
+            return 0
+        time.sleep(interval)  # the interval the caller asked for
+        if container.status() == "stopped":
+            return 0
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations as runc takes them: 5s, 500ms, 1m, 1.5s."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for unit in ("ms", "s", "m", "h"):
+        if text.endswith(unit):
+            try:
+                value = float(text[: -len(unit)]) * units[unit]
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return value
+    raise RunmError(f'invalid interval "{text}": the duration must be positive, e.g. 5s')
+
+
+UPDATE_FLAGS = {
+    # flag attribute: (LinuxResources section, key)
+    "memory": ("memory", "limit"),
+    "memory_reservation": ("memory", "reservation"),
+    "memory_swap": ("memory", "swap"),
+    "kernel_memory": ("memory", "kernel"),
+    "cpu_shares": ("cpu", "shares"),
+    "cpu_period": ("cpu", "period"),
+    "cpu_quota": ("cpu", "quota"),
+    "cpu_rt_period": ("cpu", "realtimePeriod"),
+    "cpu_rt_runtime": ("cpu", "realtimeRuntime"),
+    "cpuset_cpus": ("cpu", "cpus"),
+    "cpuset_mems": ("cpu", "mems"),
+    "pids_limit": ("pids", "limit"),
+    "blkio_weight": ("blockIO", "weight"),
+}
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    resources: dict[str, Any] = {}
+    if args.resources:
+        try:
+            text = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+            loaded = json.loads(text)
+        except OSError as err:
+            raise RunmError(f"open {args.resources}: {err.strerror}") from None
+        except ValueError as err:
+            raise RunmError(f"decode resources: {err}") from None
+        if not isinstance(loaded, dict):
+            raise RunmError("decode resources: not a JSON object")
+        resources = loaded
+    for attr, (section, key) in UPDATE_FLAGS.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if key not in ("cpus", "mems"):
+            try:
+                value = int(value)
+            except ValueError:
+                raise RunmError(f"invalid value for --{attr.replace('_', '-')}: {value}") \
+                    from None
+        resources.setdefault(section, {})[key] = value
+    _container(args).update(resources)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    print(json.dumps(FEATURES, indent=4))
+    return 0
+
+
+FEATURES: dict[str, Any] = {
+    "ociVersionMin": "1.0.0",
+    "ociVersionMax": "1.0.2-dev",
+    "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+              "poststop"],
+    "mountOptions": ["async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec",
+                     "iversion", "lazytime", "loud", "mand", "noatime", "nodev", "nodiratime",
+                     "noexec", "noiversion", "nolazytime", "nomand", "norelatime",
+                     "nostrictatime", "nosuid", "private", "rbind", "relatime", "remount", "ro",
+                     "rprivate", "rshared", "rslave", "runbindable", "rw", "shared", "silent",
+                     "slave", "strictatime", "sync", "tmpcopyup", "unbindable"],
+    "linux": {
+        "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+        "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
+        "seccomp": {"enabled": True},
+        "apparmor": {"enabled": False},
+        "selinux": {"enabled": False},
+    },
+    "annotations": {"io.github.seccomp.libseccomp.version": "2.5.4",
+                    "org.opencontainers.runc.version": "1.1.5",
+                    "run.oci.runm.vm": "qemu"},
+}
+
+
+def add_more_verbs(sub: Any) -> None:
+    events = sub.add_parser("events", help="display container events (resource usage)",
+                            usage="runm events [--stats] [--interval 5s] <container-id>")
+    events.add_argument("id", nargs="?", default="", metavar="container-id")
+    events.add_argument("--stats", action="store_true", help="print one stats event and exit")
+    events.add_argument("--interval", default="5s", help="stats collection interval (5s)")
+    events.set_defaults(func=cmd_events)
+
+    update = sub.add_parser("update", help="update a container's resource limits (in the VM)",
+                            usage="runm update [--resources FILE|-] [flags] <container-id>")
+    update.add_argument("id", nargs="?", default="", metavar="container-id")
+    update.add_argument("-r", "--resources", metavar="FILE",
+                        help="OCI LinuxResources JSON (- for stdin)")
+    for attr in UPDATE_FLAGS:
+        update.add_argument("--" + attr.replace("_", "-"), dest=attr, metavar="VALUE")
+    update.set_defaults(func=cmd_update)
+
+    features = sub.add_parser("features", help="show the enabled features (runtime-spec JSON)")
+    features.set_defaults(func=cmd_features)

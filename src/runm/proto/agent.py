@@ -129,6 +129,14 @@ class PsResponse(Message):
     pids: list[int] = pfield(1, "uint32", repeated=True)
 
 
+@dataclass
+class JsonMessage(Message):
+    """A JSON document (runc's stats event; OCI LinuxResources for an update)."""
+
+    id: str = pfield(1, "string")
+    json: str = pfield(2, "string")
+
+
 # -- the per-VM monitor's service (host only), over <vm run dir>/monitor.sock ------------------
 
 MONITOR_SERVICE = "runm.monitor.v1.Monitor"

@@ -78,5 +78,12 @@ class AgentClient:
                                 api.PsResponse)
         return list(resp.pids)
 
+    async def stats(self, container_id: str) -> str:
+        return (await self._call("Stats", api.ContainerRequest(container_id),
+                                 api.JsonMessage)).json
+
+    async def update(self, container_id: str, resources_json: str) -> None:
+        await self._call("Update", api.JsonMessage(container_id, resources_json), api.Empty)
+
     async def shutdown(self, timeout: float | None = None) -> None:
         await self._call("Shutdown", api.Empty(), api.Empty, timeout)

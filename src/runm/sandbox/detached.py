@@ -253,6 +253,21 @@ class Container:
             return []
         return list(self.run("Ps", api.ContainerRequest(self.id), api.PsResponse).pids)
 
+    def stats(self) -> dict[str, Any]:
+        """runc's stats event ({"type": "stats", "id": ..., "data": {...}})."""
+        if self.status() not in ("running", "paused"):
+            raise RunmError(f"container with id {self.id} is not running")
+        text = self.run("Stats", api.ContainerRequest(self.id), api.JsonMessage).json
+        try:
+            event = json.loads(text)
+        except ValueError:
+            raise RunmError(f"the guest's runc printed no stats for {self.id}") from None
+        return dict(event)
+
+    def update(self, resources: dict[str, Any]) -> None:
+        self.require_running()
+        self.run("Update", api.JsonMessage(self.id, json.dumps(resources)), api.Empty)
+
     def delete(self, force: bool = False) -> None:
         status = self.status()
         if status in ("running", "paused") and not force:
@@ -261,6 +276,14 @@ class Container:
             with contextlib.suppress(RunmError):
                 self.run("Delete", api.DeleteRequest(self.id, force), api.Empty)
             self._wait_monitor_exit()
+        elif force and self.foreground_alive():
+            # a foreground `runm run` owns its VM: killing it kills the VM (PDEATHSIG)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(self.record.vm["foreground_pid"]), signal.SIGKILL)
+        if "run_dir" in self.record.vm:  # left behind if its owner was SIGKILLed
+            import shutil
+
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         self.store.remove(self.id)
 
     def _wait_monitor_exit(self) -> None:

@@ -5,7 +5,7 @@ waits on a pipe for "ok" or an error. The monitor boots the VM, creates the cont
 guest with the caller's stdio fds (inherited from `create`) bridged to mux streams, and then
 serves later invocations over ttrpc on `<run dir>/monitor.sock`:
 
-    State Start Kill Wait Exec Resize Pause Resume Ps Delete
+    State Start Kill Wait Exec Resize Pause Resume Ps Stats Update Delete
 
 plus `<run dir>/attach.sock`, where `runm exec` hands over the stdio fds of a new process with
 SCM_RIGHTS before asking for it. QEMU dies with the monitor (PDEATHSIG); the stand-in processes
@@ -227,6 +227,8 @@ class Monitor:
             "Resume": (api.ContainerRequest, self.resume),
             "Ps": (api.ContainerRequest, self.ps),
             "Delete": (api.DeleteRequest, self.delete),
+            "Stats": (api.ContainerRequest, self.stats),
+            "Update": (api.JsonMessage, self.update),
         }
         for name, (request_type, handler) in methods.items():
             server.register_unary(api.MONITOR_SERVICE, name, request_type, handler)
@@ -310,6 +312,18 @@ class Monitor:
         if self.status == "stopped":
             return api.PsResponse()
         return api.PsResponse(pids=await self.agent.list_processes(self.cid))
+
+    async def stats(self, req: api.ContainerRequest, ctx: CallContext) -> api.JsonMessage:
+        if self.status not in ("running", "paused"):
+            raise TtrpcError(Code.FAILED_PRECONDITION,
+                             f"container with id {self.cid} is not running")
+        return api.JsonMessage(id=self.cid, json=await self.agent.stats(self.cid))
+
+    async def update(self, req: api.JsonMessage, ctx: CallContext) -> api.Empty:
+        if self.status == "stopped":
+            raise TtrpcError(Code.FAILED_PRECONDITION, "container not running")
+        await self.agent.update(self.cid, req.json)
+        return api.Empty()
 
     async def delete(self, req: api.DeleteRequest, ctx: CallContext) -> api.Empty:
         if self.status in ("running", "paused") and not req.force:

@@ -73,10 +73,14 @@ class StateStore:
         self.save(record)
 
     def save(self, record: ContainerRecord) -> None:
+        """Write the record; a container deleted meanwhile (delete -f) stays deleted."""
         path = self.dir(record.id) / "state.json"
         tmp = path.with_name(".state.json.tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(record)))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(dataclasses.asdict(record)))
+            tmp.replace(path)
+        except FileNotFoundError:
+            pass
 
     def load(self, container_id: str) -> ContainerRecord:
         try:
