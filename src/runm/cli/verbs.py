@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 from runm.errors import RunmError
+from runm.jsonfile import parse_object, read_text
 
 
 def parse_signal(raw: str) -> int:
@@ -109,19 +109,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def exec_process(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
     """The OCI process to exec: --process FILE, or the container's process with overrides."""
     if args.process:
-        try:
-            text = sys.stdin.read() if args.process == "-" else Path(args.process).read_text()
-        except OSError as err:
-            raise RunmError(f"open {args.process}: {err.strerror}") from None
-        try:
-            loaded = json.loads(text)
-        except ValueError as err:
-            raise RunmError(f"parsing {args.process}: invalid JSON: {err}") from None
-        if not isinstance(loaded, dict):
-            raise RunmError(f"parsing {args.process}: the process must be a JSON object")
+        loaded = parse_object(read_text(args.process), args.process, "process")
         if not loaded.get("args"):
             raise RunmError("args must not be empty")
-        return dict(loaded)
+        return loaded
     if not args.command:
         raise RunmError("exec args cannot be empty")
     try:
@@ -286,16 +277,7 @@ UPDATE_FLAGS = {
 def cmd_update(args: argparse.Namespace) -> int:
     resources: dict[str, Any] = {}
     if args.resources:
-        try:
-            text = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
-            loaded = json.loads(text)
-        except OSError as err:
-            raise RunmError(f"open {args.resources}: {err.strerror}") from None
-        except ValueError as err:
-            raise RunmError(f"decode resources: {err}") from None
-        if not isinstance(loaded, dict):
-            raise RunmError("decode resources: not a JSON object")
-        resources = loaded
+        resources = parse_object(read_text(args.resources), args.resources, "resources")
     for attr, (section, key) in UPDATE_FLAGS.items():
         value = getattr(args, attr)
         if value is None:

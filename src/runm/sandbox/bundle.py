@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from runm.errors import RunmError
+from runm.jsonfile import parse_object
 
 # runc 1.1: libcontainer's idRegex plus its clean-path check.
 _ID_RE = re.compile(r"[\w+\-.]+", re.ASCII)
@@ -91,12 +91,7 @@ def load_bundle(bundle: str | os.PathLike[str] | None) -> Bundle:
         raise RunmError("JSON specification file config.json not found") from None
     except OSError as err:
         raise RunmError(f"open {config}: {err.strerror}") from None
-    try:
-        spec = json.loads(text)
-    except ValueError as err:
-        raise RunmError(f"parsing {config}: invalid JSON: {err}") from None
-    if not isinstance(spec, dict):
-        raise RunmError(f"parsing {config}: the specification must be a JSON object")
+    spec = parse_object(text, config, "specification")
     process = spec.get("process")
     if process is not None and not isinstance(process, dict):
         raise RunmError(f"parsing {config}: process must be an object")
