@@ -438,7 +438,7 @@ def test_exec_process_starts_from_the_container_process(tmp_path: Path) -> None:
     for kind in ("bounding", "effective", "permitted"):
         assert "CAP_SYS_ADMIN" in process["capabilities"][kind]
         assert set(base["capabilities"][kind]) <= set(process["capabilities"][kind])
-    assert process["capabilities"]["inheritable"] == base["capabilities"]["inheritable"]
+    assert process["capabilities"]["ambient"] == base["capabilities"]["ambient"]
 
 
 def test_exec_process_defaults(tmp_path: Path) -> None:

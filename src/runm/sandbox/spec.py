@@ -31,7 +31,7 @@ def default_spec(args: list[str] | None = None, *, terminal: bool = True,
                     "TERM=xterm"],
             "cwd": "/",
             "capabilities": {k: list(CAPS) for k in
-                             ("bounding", "effective", "inheritable", "permitted", "ambient")},
+                             ("bounding", "effective", "permitted", "ambient")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
         },
