@@ -29,6 +29,8 @@ from runm.proto.codec import Message
 from runm.ttrpc import CallContext, Code, Server, TtrpcError
 
 log = logging.getLogger("runm.agent")
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
 
 
 class StreamSource(Protocol):
@@ -232,6 +234,8 @@ class AgentService:
                         fds.append(None)
                         continue
                     r, w = os.pipe()
+                    with contextlib.suppress(OSError):  # fewer, bigger reads under TCG
+                        fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
                     ours, theirs = (w, r) if direction == "in" else (r, w)
                     child_fds.append(theirs)
                     keep.append((direction, ours))

@@ -8,6 +8,9 @@ import os
 
 from runm.channel.mux import MuxStream, pump_fd_to_stream, pump_stream_to_fd
 
+# Python under TCG costs milliseconds per loop turn: move up to a pipe's worth per read
+READ_SIZE = 1 << 20
+
 
 async def copy_output(fd: int, stream: MuxStream, exited: asyncio.Event) -> None:
     """The process's output fd -> stream, until EOF or (after exit) until the fd runs dry.
@@ -17,7 +20,7 @@ async def copy_output(fd: int, stream: MuxStream, exited: asyncio.Event) -> None
     """
     try:
         os.set_blocking(fd, False)
-        await pump_fd_to_stream(fd, stream, until_dry=exited)
+        await pump_fd_to_stream(fd, stream, until_dry=exited, chunk_size=READ_SIZE)
     except OSError:
         with contextlib.suppress(ConnectionError, OSError):
             await stream.reset()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from runm.channel.mux import MuxStream
 
-CHUNK = 65536
+CHUNK = 1 << 20
 T = TypeVar("T")
 
 
