@@ -48,6 +48,8 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 IMAGE_FILES = (KERNEL_FILE, INITRD_FILE, ROOTFS_FILE)
 KEEP_IMAGES = 2
+LAST_USED = "last-used"
+IN_USE_GRACE = 3600.0  # seconds since an image last started a VM before it may be pruned
 KEEP_BASES = 2
 
 
@@ -156,7 +158,10 @@ def find_image(data_dir: Path | None = None) -> GuestImage:
     Cheap (hashes only the small inputs and stats the image files against manifest.json);
     raises GuestImageError if the image is missing or corrupt.
     """
-    return _load_image(_guest_dir(data_dir), image_digest())
+    image = _load_image(_guest_dir(data_dir), image_digest())
+    with contextlib.suppress(OSError):  # a start is under way: no pruning from under it
+        (image.rootfs.parent / LAST_USED).touch()
+    return image
 
 
 def ensure_image(
@@ -210,10 +215,17 @@ def _prune(parent: Path, keep: Path, count: int, marker: str) -> None:
         except OSError:
             return 0.0
 
+    def recently_used(p: Path) -> bool:
+        try:
+            return time.time() - (p / LAST_USED).stat().st_mtime < IN_USE_GRACE
+        except OSError:
+            return False
+
     others = [p for p in parent.iterdir() if p.is_dir() and p != keep]
     others.sort(key=age, reverse=True)
     for p in others[max(count - 1, 0) :]:
-        shutil.rmtree(p, ignore_errors=True)
+        if not recently_used(p):  # a VM may be booting from it right now
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def build_image(
