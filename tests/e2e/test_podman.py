@@ -73,6 +73,14 @@ def test_run_it_and_exec_it_on_a_terminal(podman: Podman) -> None:
     assert "33 101" in text
     assert "got:typed" in text
 
+    status, screen = run_on_pty(
+        podman.argv("run", "-it", "--rm", "--network=none", podman.image, "sh", "-c",
+                    "trap 'echo interrupted; exit 4' INT; echo ready; "
+                    "while true; do sleep 0.1; done"),
+        podman.env, expect=b"ready", send=b"\x03")
+    assert status == 4, screen
+    assert b"interrupted" in screen, "Ctrl-C reaches the container's foreground process"
+
     podman.run("run", "-d", "--name", "shell", "--network=none", podman.image, "sleep", "600")
     # The exec's pty takes the caller's size once podman has sized conmon's end (after the
     # exec started): like a person, ask again until it shows.
