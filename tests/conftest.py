@@ -14,6 +14,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+VM_RUN_DIR = Path("/run/runm-vm")  # runm's default per-VM socket dirs
+
+
+def _entries(path: Path) -> set[str]:
+    try:
+        return {p.name for p in path.iterdir()}
+    except OSError:
+        return set()
+
+
+# What other runm users on this host had before the suite started (not ours to judge).
+VM_RUN_DIRS_BEFORE = _entries(VM_RUN_DIR)
 LEAK_PATTERNS = ("qemu-system", "virtiofsd")
 LEAK_MODULES = ("runm.sandbox.monitor", "runm.sandbox.standin")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from bench import REPO
 from bench.cli import build_parser, make_config
-from bench.figures import not_measured
+from bench.figures import drop_host_cache, not_measured, write_random
 from bench.hostinfo import cpu_model
 from bench.model import Figure, Line
 from bench.procs import (
@@ -128,8 +128,9 @@ def test_headline_and_report_show_baselines_with_ratios() -> None:
                  [fig, *not_measured(exec_possible=False)])
     assert "native runc run true: 60.0 ms [60.0-60.0]  (1 of 2 runs failed: exit status 1" in out
     assert re.search(r"^   not measured: needs `runm exec`", out, re.M)
-    assert re.search(r"virtiofs vs 9p\n   not measured: ", out)
-    assert [f.key for f in not_measured(exec_possible=True)] == ["sharedfs"]
+    assert re.search(r"Rootfs read throughput via exec\n   not measured: ", out)
+    assert not_measured(exec_possible=True) == []
+    assert [f.key for f in not_measured(exec_possible=False)] == ["exec", "fs"]
     assert "1 run(s) failed" in out
 
 
@@ -139,8 +140,18 @@ def test_quick_and_explicit_options() -> None:
     full = make_config(build_parser().parse_args(["--density", "1,4", "--size", "8"]), "tcg")
     assert (full.repeat, full.warmup, full.size_mib, full.density) == (3, 1, 8, [1, 4])
     assert build_parser().parse_args(["--only", "cold,stdio"]).only == ["cold", "stdio"]
+    assert "fs" in build_parser().parse_args([]).only
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--only", "cold,warp"])
+
+
+def test_fs_figure_file_helpers(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    write_random(big, (1 << 20) + 5)
+    data = big.read_bytes()
+    assert len(data) == (1 << 20) + 5 and data.count(0) < len(data) // 2  # random, not zeros
+    drop_host_cache(big)  # only evicts: the content is unchanged
+    assert big.read_bytes() == data
 
 
 def test_pss_parser_on_a_synthetic_rollup() -> None:
