@@ -19,6 +19,7 @@ from bench.figures import (
     can_exec,
     cold,
     exec_latency,
+    fs_read,
     memory_and_density,
     not_measured,
     stderr_log,
@@ -53,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Progress goes to stderr, the report to stdout. Needs root (runc, QEMU "
                "sockets under /run). See bench/README.md.")
     p.add_argument("--quick", action="store_true",
-                   help="n=1, no warm-up, 4 MiB, density 1,2, 1 s settle (smoke test)")
+                   help="n=1, no warm-up, 4 MiB (stdio, fs), density 1,2, 1 s settle (smoke)")
     p.add_argument("--repeat", type=int, metavar="N", help="counted runs per figure (3)")
     p.add_argument("--warmup", type=int, metavar="N", help="uncounted warm-up runs (1)")
     p.add_argument("--only", type=parse_only, metavar="LIST", default=list(FIGURES),
                    help=f"comma-separated subset of {','.join(FIGURES)}")
-    p.add_argument("--size", type=int, metavar="MiB", help="stdio transfer size (64)")
+    p.add_argument("--size", type=int, metavar="MiB", help="stdio transfer and fs file size (64)")
     p.add_argument("--density", type=density_list, metavar="LIST",
                    help="concurrent container counts for memory and density (1,4,8)")
     p.add_argument("--settle", type=float, metavar="S",
@@ -197,6 +198,8 @@ def _main(args: argparse.Namespace, work: Path) -> int:
             figures.extend(memory_and_density(harness, cfg, want, log))
         if "exec" in want and exec_possible:
             figures.append(exec_latency(harness, cfg, log))
+        if "fs" in want and exec_possible:
+            figures.append(fs_read(harness, cfg, log))
     except KeyboardInterrupt:
         interrupted = True
         log("bench: interrupted; cleaning up and reporting what was measured")
@@ -204,7 +207,7 @@ def _main(args: argparse.Namespace, work: Path) -> int:
         for note in harness.close():
             log(f"bench cleanup: {note}")
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    figures.extend(not_measured(exec_possible))
+    figures.extend(f for f in not_measured(exec_possible) if f.key in want)
     text = render(info, cfg, figures)
     print(text, flush=True)
     write_json(json_path, info, cfg, figures, text)
