@@ -1,0 +1,64 @@
+"""Bind mounts from config.json, inside the VM (part of issue 5): shared at their host paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from runm.sandbox.spec import make_busybox_bundle
+from tests.conftest import Runm
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
+
+
+def bundle_with(tmp_path: Path, args: list[str],
+                mounts: list[dict]) -> Path:  # type: ignore[type-arg]
+    bundle = make_busybox_bundle(tmp_path / "bundle", args)
+    config = json.loads((bundle / "config.json").read_text())
+    config["mounts"] += mounts
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def test_bind_mounts_rw_ro_and_files(runm: Runm, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("from the host\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "keep.txt").write_text("original\n")
+    single = tmp_path / "single.conf"
+    single.write_text("key=value\n")
+    script = ("cat /data/in.txt; echo written-in-vm > /data/out.txt; "
+              "dd if=/dev/urandom of=/data/big bs=1M count=100 2>/dev/null; "
+              "sha256sum /data/big > /data/big.sha; "
+              "cat /etc/single.conf; "
+              "if echo x > /ro/keep.txt 2>/dev/null; then echo ro-writable; "
+              "else echo ro-refused; fi")
+    bundle = bundle_with(tmp_path, ["sh", "-c", script], [
+        {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind", "rw"]},
+        {"destination": "/ro", "type": "bind", "source": str(ro), "options": ["rbind", "ro"]},
+        {"destination": "/etc/single.conf", "type": "bind", "source": str(single),
+         "options": ["bind", "ro"]},
+    ])
+    result = runm.run("run", "-b", str(bundle), "vol1", timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().splitlines() == ["from the host", "key=value", "ro-refused"]
+    assert (data / "out.txt").read_text() == "written-in-vm\n", "writes reach the host"
+    assert (ro / "keep.txt").read_text() == "original\n"
+    big = (data / "big").read_bytes()
+    assert len(big) == 100 << 20
+    assert (data / "big.sha").read_text().split()[0] == hashlib.sha256(big).hexdigest()
+
+
+def test_missing_bind_source_fails_before_any_vm(runm: Runm, tmp_path: Path) -> None:
+    bundle = bundle_with(tmp_path, ["true"], [
+        {"destination": "/x", "type": "bind", "source": str(tmp_path / "nope"),
+         "options": ["rbind"]}])
+    result = runm.run("run", "-b", str(bundle), "vol2")
+    assert result.returncode == 1
+    assert b"invalid mount /x" in result.stderr and b"no such file or directory" in result.stderr
+    assert not (tmp_path / "vm").exists() or not any((tmp_path / "vm").iterdir())
