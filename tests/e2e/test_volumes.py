@@ -62,3 +62,18 @@ def test_missing_bind_source_fails_before_any_vm(runm: Runm, tmp_path: Path) -> 
     assert result.returncode == 1
     assert b"invalid mount /x" in result.stderr and b"no such file or directory" in result.stderr
     assert not (tmp_path / "vm").exists() or not any((tmp_path / "vm").iterdir())
+
+
+def test_memory_limit_is_enforced_in_the_guest(runm: Runm, tmp_path: Path) -> None:
+    """The spec's memory limit applies in the guest's cgroup v2: a hog is OOM-killed (137)."""
+    bundle = bundle_with(tmp_path, ["dd", "if=/dev/zero", "of=/dev/shm/hog", "bs=1M",
+                                    "count=200"], [])
+    config = json.loads((bundle / "config.json").read_text())
+    config["linux"]["resources"]["memory"] = {"limit": 64 << 20, "swap": 64 << 20}
+    for mount in config["mounts"]:
+        if mount["destination"] == "/dev/shm":  # room for the hog beyond the limit
+            mount["options"] = [o for o in mount["options"] if not o.startswith("size=")] + \
+                ["size=300m"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    result = runm.run("run", "-b", str(bundle), "hog")
+    assert result.returncode == 137, (result.stdout, result.stderr)
