@@ -149,7 +149,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.tty:
         process["terminal"] = True
     if process.get("terminal") and not args.console_socket and "consoleSize" not in process:
-        from runm.sandbox.standin import window_size
+        from runm.sandbox.tty import window_size
 
         size = window_size(0)
         if size:

@@ -33,6 +33,7 @@ from runm.sandbox.run import write_pid_file
 from runm.sandbox.sandbox import vm_run_dir
 from runm.sandbox.standin import stand_in
 from runm.sandbox.state import ContainerRecord, StateStore
+from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import Client, TtrpcError
 
 M = TypeVar("M", bound=Message)
@@ -336,10 +337,8 @@ class Container:
             fds, wanted = [0, 1, 2], [True, True, True]
         try:
             if tty_slave is not None and "consoleSize" not in process:
-                from runm.sandbox.standin import window_size
-
                 size = window_size(tty_slave)  # the caller may have sized its master already
-                if size and all(size):
+                if size:
                     process = dict(process, consoleSize={"height": size[0], "width": size[1]})
             self._attach(exec_id, fds, wanted)
             request = api.ExecProcessRequest(self.id, exec_id, json.dumps(process),
@@ -375,14 +374,9 @@ class Container:
 
     def _stand_in_here(self, exec_id: str, own_terminal: bool) -> int:
         """`runm exec` without --detach: this process is the stand-in."""
+        socket_path = str(monitor_socket(self.run_dir))
         if own_terminal and os.isatty(0):
-            import termios
-
-            saved = termios.tcgetattr(0)
-            tty.setraw(0)
-            try:
-                return asyncio.run(stand_in(str(monitor_socket(self.run_dir)), exec_id, 0))
-            finally:
-                termios.tcsetattr(0, termios.TCSADRAIN, saved)
-        return asyncio.run(stand_in(str(monitor_socket(self.run_dir)), exec_id, None))
+            with RawTerminal(0):
+                return asyncio.run(stand_in(socket_path, exec_id, 0))
+        return asyncio.run(stand_in(socket_path, exec_id, None))
 

@@ -8,11 +8,8 @@ import json
 import logging
 import os
 import signal
-import termios
-import tty
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
@@ -21,6 +18,7 @@ from runm.sandbox import hoststdio
 from runm.sandbox.bundle import Bundle
 from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
 from runm.sandbox.state import ContainerRecord, StateStore
+from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import TtrpcError
 from runm.vm.base import Share
 
@@ -57,38 +55,6 @@ def write_pid_file(path: str, pid: int) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(str(pid))
     tmp.replace(target)
-
-
-class _RawTerminal:
-    """Put the caller's terminal in raw mode for a container with its own pty."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.saved: list[Any] | None = None
-
-    def __enter__(self) -> _RawTerminal:
-        if os.isatty(self.fd):
-            self.saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.saved is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
-
-
-def _window_size(fd: int) -> tuple[int, int] | None:
-    import fcntl
-    import struct
-
-    for candidate in (fd, 0, 1, 2):
-        try:
-            rows, cols, _, _ = struct.unpack(
-                "HHHH", fcntl.ioctl(candidate, termios.TIOCGWINSZ, b"\0" * 8))
-        except OSError:
-            continue
-        return rows, cols
-    return None
 
 
 async def run_container(opts: RunOptions) -> int:
@@ -143,9 +109,9 @@ async def run_container(opts: RunOptions) -> int:
         opts.store.save(record)
         if opts.pid_file:
             write_pid_file(opts.pid_file, os.getpid())
-        with _RawTerminal(opts.stdin) if terminal else contextlib.nullcontext():
+        with RawTerminal(opts.stdin) if terminal else contextlib.nullcontext():
             if terminal:
-                size = _window_size(opts.stdin)
+                size = window_size(opts.stdin, 0, 1, 2)
                 if size:
                     await agent.resize_pty(cid, *size)
                 loop.add_signal_handler(signal.SIGWINCH, on_signal, signal.SIGWINCH)
@@ -197,7 +163,7 @@ async def _forward(sandbox: Sandbox, cid: str, signum: int) -> None:
     assert sandbox.agent is not None
     try:
         if signum == signal.SIGWINCH:
-            size = _window_size(0)
+            size = window_size(0, 1, 2)
             if size:
                 await sandbox.agent.resize_pty(cid, *size)
             return

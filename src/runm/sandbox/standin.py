@@ -14,25 +14,17 @@ import contextlib
 import fcntl
 import os
 import signal
-import struct
 import sys
 import termios
 
 from runm.channel.stream import AsyncioByteStream
 from runm.proto import agent as api
 from runm.proto.codec import Message
+from runm.sandbox.tty import window_size
 from runm.ttrpc import Client, TtrpcError
 
 LOST = 137
 UNFORWARDED = {signal.SIGCHLD, signal.SIGPIPE, signal.SIGKILL, signal.SIGSTOP, signal.SIGURG}
-
-
-def window_size(fd: int) -> tuple[int, int] | None:
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        return None
-    return rows, cols
 
 
 async def call(client: Client, method: str, request: Message,
@@ -54,7 +46,7 @@ async def stand_in(socket_path: str, exec_id: str, tty_fd: int | None) -> int:
             with contextlib.suppress(TtrpcError, ConnectionError):
                 if signum == signal.SIGWINCH:
                     size = window_size(tty_fd) if tty_fd is not None else None
-                    if size and all(size):
+                    if size:
                         await call(client, "Resize",
                                    api.ResizeRequest("", exec_id, *size), api.Empty)
                     return
