@@ -119,12 +119,17 @@ def pin_image(image_dir: Path, data_dir: Path, work: Path) -> Path:
     checkout builds new ones, which must not pull the image from under a long run."""
     private = work / "data"
     dest = private / "guest" / "images" / image_dir.name
-    dest.mkdir(parents=True)
-    for f in image_dir.iterdir():
+    dest.parent.mkdir(parents=True)
+
+    def link(src: str, dst: str) -> None:
         try:
-            os.link(f, dest / f.name)
+            os.link(src, dst)
         except OSError:
-            shutil.copy2(f, dest / f.name)
+            shutil.copy2(src, dst)
+
+    # With its VM snapshots: their files are never written once made.
+    shutil.copytree(image_dir, dest, copy_function=link,
+                    ignore=shutil.ignore_patterns(".lock", ".new-*"))
     if (data_dir / "accel").is_dir():
         shutil.copytree(data_dir / "accel", private / "accel")
     return private

@@ -56,46 +56,74 @@ def _brief(res: RunResult, value: str) -> str:
 
 
 def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
-    fig = Figure("cold", "Cold start: `true` in a new container, spawn to exit, wall clock")
-    runm = fig.measure("runm", "runm run true", Kind.TIME)
+    fig = Figure("cold", "Start: `true` in a new container, spawn to exit, wall clock")
+    runm = fig.measure("runm", "runm run true (VM restored from its snapshot)", Kind.TIME,
+                       short="snapshot start")
+    cold_runm = fig.measure("runm_cold", "runm run true, cold boot (RUNM_SNAPSHOT=0)",
+                            Kind.TIME, short="cold start")
+    restore = fig.measure("restore", "bare VM restore to agent-ready", Kind.TIME,
+                          short="bare restore")
     bare = fig.measure("bare", "bare VM boot to agent-ready", Kind.TIME, short="bare VM boot")
+    in_guest = fig.measure("in_guest", "runc run true in a running guest (its 2nd container)",
+                           Kind.TIME, short="runc in a running guest")
+    first = fig.measure("in_guest_first", "runc run true in a running guest (its 1st "
+                        "container: cold translation cache)", Kind.TIME)
     runc = fig.measure("runc", "native runc run true", Kind.TIME, short="native runc")
     close = fig.measure("bare_close", "bare VM close (agent shutdown, QEMU exit)", Kind.TIME)
-    outside = fig.measure("outside", "runm run outside its phases", Kind.TIME)
-    fig.lines.append(Line("runm", ["bare", "runc"], ["bare_close", "outside"]))
+    outside = fig.measure("outside", "runm run (snapshot) outside its phases", Kind.TIME)
+    fig.lines.append(Line("runm", ["runm_cold", "restore", "in_guest", "runc"],
+                          ["in_guest_first", "outside"]))
+    fig.lines.append(Line("runm_cold", ["bare", "runc"], ["bare_close"]))
     bundle = h.bundle("true", ["true"])
     runm_phases: list[dict[str, float]] = []
+    cold_phases: list[dict[str, float]] = []
     bare_phases: list[dict[str, float]] = []
     for counted, tag in cfg.rounds():
-        cid = h.new_id("cold")
+        cid = h.new_id("snap")
         r = h.timed(h.runm_argv(bundle, cid), cid, timings=True)
-        vid = h.new_id("bare")
-        b = h.bare_vm(vid)
+        cid = h.new_id("cold")
+        c = h.timed(h.runm_argv(bundle, cid), cid, timings=True, snapshot=False)
+        s = h.bare_vm(h.new_id("restore"), snapshot=True)
+        b = h.bare_vm(h.new_id("bare"))
+        g = h.runc_in_guest(h.new_id("inguest"), bundle)
         nid = h.new_id("runc")
         n = h.timed(h.runc_argv(bundle, nid), nid)
-        log(f"[cold {tag}] runm run {_brief(r, fmt_value(Kind.TIME, r.wall))} | bare VM boot "
-            f"{_brief(b, fmt_value(Kind.TIME, b.wall))} | native runc "
+        log(f"[start {tag}] runm run: snapshot {_brief(r, fmt_value(Kind.TIME, r.wall))}, "
+            f"cold {_brief(c, fmt_value(Kind.TIME, c.wall))} | bare restore "
+            f"{_brief(s, fmt_value(Kind.TIME, s.wall))}, boot "
+            f"{_brief(b, fmt_value(Kind.TIME, b.wall))} | runc in guest "
+            f"{_brief(g, fmt_value(Kind.TIME, g.wall))} | native runc "
             f"{_brief(n, fmt_value(Kind.TIME, n.wall))}")
         if not counted:
             continue
         runm.add(r.wall, r.error)
+        cold_runm.add(c.wall, c.error)
+        restore.add(s.wall, s.error)
         bare.add(b.wall, b.error)
+        in_guest.add(g.wall, g.error)
+        first.add(g.extra.get("first"), g.error)
         runc.add(n.wall, n.error)
         close.add(b.extra.get("close"), None if "close" in b.extra else "no close time")
         if r.ok and r.phases:
             runm_phases.append(r.phases)
             outside.add(r.wall - sum(r.phases.values()))
+        if c.ok and c.phases:
+            cold_phases.append(c.phases)
         if b.ok and b.phases:
             bare_phases.append(b.phases)
     fig.data["runm_phases"] = runm_phases
+    fig.data["cold_phases"] = cold_phases
     fig.data["bare_phases"] = bare_phases
-    fig.notes += phase_notes(runm_phases, runm, "runm run")
+    fig.notes += phase_notes(runm_phases, runm, "runm run (snapshot)")
+    fig.notes += phase_notes(cold_phases, cold_runm, "runm run (cold boot)")
     if bare_phases:
         med = median_phases(bare_phases)
         fig.notes.append("bare VM phases (median): " + " | ".join(
             f"{k} {fmt_value(Kind.TIME, v)}" for k, v in med.items()))
-    fig.notes.append("bare VM boot: Sandbox.create() to the agent's first answer, in-process "
-                     "(no interpreter start, no shares); native runc: host runc, same bundle")
+    fig.notes.append("bare VM: Sandbox.create() to the agent's first answer, in-process (no "
+                     "interpreter start, no shares); runc in a running guest: create, start, "
+                     "wait and delete through the agent in a restored VM; native runc: host "
+                     "runc, same bundle")
     return fig
 
 

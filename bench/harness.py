@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -161,9 +161,13 @@ class Harness:
 
     # -- one-shot runs -----------------------------------------------------------------
 
-    def timed(self, argv: Sequence[str], name: str, timings: bool = False) -> RunResult:
-        """Wall clock of one process with stdin and stdout on /dev/null."""
-        env, tpath = self._timings_env(name) if timings else (self.env, None)
+    def timed(self, argv: Sequence[str], name: str, timings: bool = False,
+              snapshot: bool = True) -> RunResult:
+        """Wall clock of one process with stdin and stdout on /dev/null (snapshot=False:
+        runm boots its VM cold)."""
+        env, tpath = self._timings_env(name) if timings else (dict(self.env), None)
+        if not snapshot:
+            env["RUNM_SNAPSHOT"] = "0"
         t0 = time.perf_counter()
         proc = self.spawn(argv, name, env=env)
         rc = self._finish(proc, self.timeout)
@@ -249,11 +253,12 @@ class Harness:
             res.phases = self._read_timings(tpath)
         return res
 
-    def bare_vm(self, name: str) -> RunResult:
-        """A VM of the guest image with no shares, booted to agent-ready, then closed."""
-        return asyncio.run(self._bare_vm(name))
+    def bare_vm(self, name: str, snapshot: bool = False) -> RunResult:
+        """A VM of the guest image with no shares, booted (or restored from its snapshot)
+        to agent-ready, then closed."""
+        return asyncio.run(self._bare_vm(name, snapshot))
 
-    async def _bare_vm(self, name: str) -> RunResult:
+    async def _bare_vm(self, name: str, snapshot: bool) -> RunResult:
         from runm.errors import RunmError
         from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
 
@@ -263,8 +268,11 @@ class Harness:
         sandbox = Sandbox.create(name, self.image, vm_run_dir(self.runm_root, name), shares=[])
         res = RunResult()
         try:
-            await sandbox.boot(timings)
+            with _env("RUNM_SNAPSHOT", "1" if snapshot else "0"):
+                await sandbox.boot(timings)
             res.wall = time.perf_counter() - t0
+            if snapshot and not sandbox.restored:
+                res.error = "not restored from the snapshot (see the log)"
         except (RunmError, OSError) as err:
             res.error = str(err).splitlines()[0]
         finally:
@@ -272,6 +280,46 @@ class Harness:
             await sandbox.close()
             res.extra["close"] = time.perf_counter() - t1
         res.phases = dict(timings.phases)
+        return res
+
+    def runc_in_guest(self, name: str, bundle: Path) -> RunResult:
+        """`runc run` of bundle inside a restored guest, twice: wall is the second run (the
+        floor a pre-warmed guest could reach), extra["first"] the first (cold TCG cache)."""
+        return asyncio.run(self._runc_in_guest(name, bundle))
+
+    async def _runc_in_guest(self, name: str, bundle: Path) -> RunResult:
+        from runm.errors import RunmError
+        from runm.proto import agent as api
+        from runm.sandbox.bundle import load_bundle
+        from runm.sandbox.run import bundle_shares
+        from runm.sandbox.sandbox import Sandbox, vm_run_dir
+        from runm.ttrpc import TtrpcError
+
+        self._runm_ids.append(name)
+        shares = bundle_shares(load_bundle(bundle))
+        sandbox = Sandbox.create(name, self.image, vm_run_dir(self.runm_root, name), shares)
+        res = RunResult()
+        try:
+            with _env("RUNM_SNAPSHOT", "1"):
+                await sandbox.boot()
+            agent = sandbox.agent
+            assert agent is not None
+            walls = []
+            for i in range(2):
+                t0 = time.perf_counter()
+                cid = f"{name}-{i}"
+                await agent.create_container(cid, str(bundle), api.Stdio())
+                await agent.start_container(cid)
+                status = (await agent.wait_process(cid)).exit_status
+                await agent.delete_container(cid)
+                walls.append(time.perf_counter() - t0)
+                if status != 0:
+                    res.error = f"exit status {status}"
+            res.extra["first"], res.wall = walls
+        except (RunmError, TtrpcError, OSError) as err:
+            res.error = str(err).splitlines()[0]
+        finally:
+            await sandbox.close()
         return res
 
     # -- concurrent long-running containers ----------------------------------------------
@@ -318,6 +366,19 @@ class Harness:
         for d in (self.runm_root, self.runc_root, self.logs, self.work / "bundles"):
             shutil.rmtree(d, ignore_errors=True)
         return cleaned
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:

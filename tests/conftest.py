@@ -101,9 +101,14 @@ def runm(tmp_path: Path) -> Runm:
 
 @pytest.fixture(scope="session")
 def guest_image():  # type: ignore[no-untyped-def]
-    from runm.guest.image import default_data_dir, ensure_image
+    import asyncio
 
-    return ensure_image(default_data_dir())
+    from runm.guest.image import default_data_dir, ensure_image
+    from runm.sandbox.sandbox import prepare_snapshot
+
+    image = ensure_image(default_data_dir())
+    assert asyncio.run(prepare_snapshot(image)), "making the VM snapshot failed"
+    return image
 
 
 @pytest.fixture

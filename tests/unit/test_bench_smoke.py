@@ -216,7 +216,7 @@ def test_cpu_model_from_cpuinfo() -> None:
 
 
 @pytest.mark.vm
-def test_quick_cold_start_bench_prints_three_rows_with_ratios(tmp_path: Path) -> None:
+def test_quick_start_bench_prints_snapshot_and_cold_rows_with_ratios(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     out = tmp_path / "bench.json"
@@ -226,8 +226,14 @@ def test_quick_cold_start_bench_prints_three_rows_with_ratios(tmp_path: Path) ->
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
-    head = re.search(r"^ *runm run true: \S+ \w+ \[[^]]+\] +\| bare VM boot \S+ \w+ \(x[\d.]+\)"
+    snap = re.search(r"^ *runm run true \(VM restored from its snapshot\): \S+ \w+ \[[^]]+\] +"
+                     r"\| cold start \S+ \w+ \(x[\d.]+\) \| bare restore \S+ \w+ \(x[\d.]+\)"
+                     r" \| runc in a running guest \S+ \w+ \(x[\d.]+\)"
                      r" \| native runc \S+ \w+ \(x[\d.]+\)$", text, re.M)
+    assert snap, text
+    head = re.search(r"^ *runm run true, cold boot \(RUNM_SNAPSHOT=0\): \S+ \w+ \[[^]]+\] +"
+                     r"\| bare VM boot \S+ \w+ \(x[\d.]+\) \| native runc \S+ \w+ \(x[\d.]+\)$",
+                     text, re.M)
     assert head, text
     assert re.search(r"^ *bare VM boot to agent-ready: \S+ \w+ \[", text, re.M), text
     assert re.search(r"^ *native runc run true: \S+ \w+ \[", text, re.M), text
@@ -235,5 +241,6 @@ def test_quick_cold_start_bench_prints_three_rows_with_ratios(tmp_path: Path) ->
     assert "accel      " in text and "qemu       QEMU" in text
     doc = json.loads(out.read_text())
     cold = next(f for f in doc["figures"] if f["key"] == "cold")
-    assert cold["measures"]["runm"]["summary"]["n"] == 1
+    for key in ("runm", "runm_cold", "restore", "bare", "in_guest", "runc"):
+        assert cold["measures"][key]["summary"]["n"] == 1, key
     assert doc["host"]["accel"] in ("kvm", "tcg")

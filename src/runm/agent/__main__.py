@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -60,7 +61,8 @@ async def run_guest(debug: bool) -> None:
     reaper = Reaper()
     reaper.install(loop)
     holder = MuxHolder()
-    service = AgentService(reaper, Runc(reaper), streams=holder, pid1=os.getpid() == 1)
+    service = AgentService(reaper, Runc(reaper, binary=_runc_binary()), streams=holder,
+                           pid1=os.getpid() == 1)
     server = Server()
     service.register(server)
     paths = {name: find_port(name) for name in (CTL_PORT, IO_PORT)}
@@ -95,6 +97,19 @@ async def run_guest(debug: bool) -> None:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks)
+
+
+def _runc_binary() -> str:
+    """runc, run from a sealed in-memory copy held by this process (see sysapi.sealed_copy)."""
+    path = shutil.which("runc")
+    if path is None:
+        raise RuntimeError("runc is not installed in the guest image")
+    try:
+        fd = sysapi.sealed_copy(path)
+    except OSError as err:
+        log.warning("running runc from %s: no sealed copy: %s", path, err)
+        return path
+    return f"/proc/{os.getpid()}/fd/{fd}"
 
 
 async def run_host(args: argparse.Namespace) -> None:

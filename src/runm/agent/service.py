@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -31,6 +32,7 @@ from runm.ttrpc import CallContext, Code, Server, TtrpcError
 log = logging.getLogger("runm.agent")
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
+MOUNT_RETRY_INTERVAL = 0.005
 
 
 class StreamSource(Protocol):
@@ -99,6 +101,7 @@ class AgentService:
             "Stats": (api.ContainerRequest, self.stats),
             "Update": (api.JsonMessage, self.update),
             "Shutdown": (api.Empty, self.shutdown),
+            "Quiesce": (api.Empty, self.quiesce),
         }
         for method, (request_type, handler) in handlers.items():
             server.register_unary(api.SERVICE, method, request_type, handler)
@@ -115,13 +118,37 @@ class AgentService:
         return api.SetupResponse(kernel_release=os.uname().release, agent_pid=os.getpid())
 
     async def mount(self, req: api.MountRequest, ctx: CallContext) -> api.Empty:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait_ms / 1000
         try:
             os.makedirs(req.target, exist_ok=True)
-            await asyncio.get_running_loop().run_in_executor(
-                None, sysapi.mount, req.source, req.target, req.fstype, list(req.options))
+            while True:
+                try:
+                    await loop.run_in_executor(None, sysapi.mount, req.source, req.target,
+                                               req.fstype, list(req.options))
+                    break
+                except OSError as err:
+                    # A hot-plugged device is probed asynchronously and there is no udev to
+                    # tell us when: an unknown virtiofs tag is EINVAL, a missing disk ENOENT.
+                    if err.errno not in (errno.EINVAL, errno.ENOENT) or loop.time() >= deadline:
+                        raise
+                    await asyncio.sleep(MOUNT_RETRY_INTERVAL)
         except OSError as err:
             raise TtrpcError(Code.INTERNAL, str(err)) from err
         return api.Empty()
+
+    async def quiesce(self, req: api.Empty, ctx: CallContext) -> api.Empty:
+        """The host is about to snapshot this VM: end its connection once this reply is out,
+        so whatever connects next (a restored copy's host) starts a fresh ttrpc session."""
+        ctx.end_connection = True
+        if self.pid1:
+            await self._warm_up()
+        os.sync()
+        return api.Empty()
+
+    async def _warm_up(self) -> None:
+        """Page in what every container start needs, so the snapshot has it."""
+        await self.reaper.output([self.runc.binary, "--version"])
 
     async def shutdown(self, req: api.Empty, ctx: CallContext) -> api.Empty:
         self.shutdown_requested.set()

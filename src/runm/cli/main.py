@@ -53,11 +53,25 @@ def ensure_guest_image(progress: Progress | None = None) -> object:
     try:
         if os.environ.get("RUNM_AUTO_BUILD", "1") == "0":
             return find_image(_data_dir())
-        return ensure_image(_data_dir(), progress=progress.step)
+        image = ensure_image(_data_dir(), progress=progress.step)
+        _prepare_snapshot(image, progress)
+        return image
     except GuestImageError as err:
         raise RunmError(str(err)) from None
     finally:
         progress.done()
+
+
+def _prepare_snapshot(image: object, progress: Progress) -> bool:
+    """Make the VM snapshot now (with progress shown) rather than inside the first start."""
+    from runm.guest.image import GuestImage
+    from runm.sandbox.sandbox import prepare_snapshot
+    from runm.sandbox.snapshot import snapshots_enabled
+
+    assert isinstance(image, GuestImage)
+    if not snapshots_enabled():
+        return False
+    return asyncio.run(prepare_snapshot(image, progress.step))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -134,6 +148,8 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
     progress = Progress.for_stderr()
     try:
         image = build_image(_data_dir(), progress=progress.step, force=args.force)
+        if not args.no_snapshot:
+            _prepare_snapshot(image, progress)
     except GuestImageError as err:
         raise RunmError(str(err)) from None
     finally:
@@ -230,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     guest_sub = guest.add_subparsers(dest="guest_command", metavar="command")
     build = guest_sub.add_parser("build", help="build the guest image (cached by content hash)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--no-snapshot", action="store_true",
+                       help="do not also boot the image once to make the VM snapshot that "
+                            "containers start from (it is then made on first use)")
     build.set_defaults(func=cmd_guest_build)
     path = guest_sub.add_parser("path", help="print the paths of the current guest image")
     path.set_defaults(func=cmd_guest_path)

@@ -39,6 +39,9 @@ class MountRequest(Message):
     target: str = pfield(2, "string")
     fstype: str = pfield(3, "string")
     options: list[str] = pfield(4, "string", repeated=True)
+    # >0: the device may still be appearing (hot-plugged after a snapshot restore); retry a
+    # "no such device/tag" failure for up to this long.
+    wait_ms: int = pfield(5, "uint32")
 
 
 @dataclass

@@ -27,8 +27,10 @@ class AgentClient:
         return await self._call("Setup", api.SetupRequest(time_ns, entropy, hostname),
                                 api.SetupResponse, timeout)
 
-    async def mount(self, source: str, target: str, fstype: str, options: list[str]) -> None:
-        await self._call("Mount", api.MountRequest(source, target, fstype, options), api.Empty)
+    async def mount(self, source: str, target: str, fstype: str, options: list[str],
+                    wait_ms: int = 0) -> None:
+        await self._call("Mount", api.MountRequest(source, target, fstype, options, wait_ms),
+                         api.Empty)
 
     async def create_container(self, container_id: str, bundle: str, stdio: api.Stdio,
                                *, no_pivot: bool = False) -> int:
@@ -84,6 +86,10 @@ class AgentClient:
 
     async def update(self, container_id: str, resources_json: str) -> None:
         await self._call("Update", api.JsonMessage(container_id, resources_json), api.Empty)
+
+    async def quiesce(self, timeout: float | None = None) -> None:
+        """End this connection on the agent's side (before a snapshot); see AgentService."""
+        await self._call("Quiesce", api.Empty(), api.Empty, timeout)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         await self._call("Shutdown", api.Empty(), api.Empty, timeout)

@@ -62,6 +62,9 @@ class CallContext:
     metadata: dict[str, list[str]]  # keys lower-cased; a key may carry several values
     deadline: float | None  # event loop time (loop.time()) the caller gives up, if it set one
     stream_id: int
+    # Set by a handler: stop serving this connection once its reply is sent (the next bytes
+    # on the stream belong to a new peer, e.g. a VM about to be snapshotted).
+    end_connection: bool = False
 
     def get(self, key: str) -> str | None:
         """The first metadata value for key (case-insensitive), or None."""
@@ -173,12 +176,21 @@ class _Connection:
         self._decoder = FrameDecoder()
         self._last_stream_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ended = asyncio.Event()
 
     async def run(self) -> None:
         self._writer.start()
+        ended = asyncio.ensure_future(self._ended.wait())
         try:
             while True:
-                data = await self._stream.receive(RECEIVE_SIZE)
+                receive = asyncio.ensure_future(self._stream.receive(RECEIVE_SIZE))
+                try:
+                    await asyncio.wait({receive, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    receive.cancel()
+                if not receive.done() or receive.cancelled():
+                    return  # a handler ended the connection
+                data = receive.result()
                 if not data:
                     return
                 self._decoder.feed(data)
@@ -191,6 +203,7 @@ class _Connection:
         except Exception:
             logger.exception("ttrpc: internal error; closing the connection")
         finally:
+            ended.cancel()
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -301,6 +314,8 @@ class _Connection:
         except Exception as err:
             return _unknown(label, err)
         await self._writer.write(final)
+        if ctx.end_connection:
+            self._ended.set()  # write() returned: the reply is on the wire
         return None
 
     async def _stream_replies(self, method: _Method, request: Message, ctx: CallContext) -> None:

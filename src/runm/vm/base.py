@@ -24,6 +24,14 @@ class Share:
     readonly: bool = False
 
 
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """A saved guest: its RAM as a (sparse) file and QEMU's device state without RAM."""
+
+    ram: Path
+    state: Path
+
+
 @dataclass
 class VMConfig:
     name: str
@@ -37,6 +45,10 @@ class VMConfig:
     ports: tuple[str, ...] = (CTL_PORT, IO_PORT)
     kernel_args: list[str] = field(default_factory=list)
     accel: str | None = None  # None: probe (kvm where it really boots, else tcg)
+    # Boot with guest RAM in this file (shared), so the VM can be saved as a snapshot.
+    memory_file: Path | None = None
+    # Start from this snapshot instead of booting (RAM from a private copy of its file).
+    restore: SnapshotFiles | None = None
 
 
 class VirtualMachine(abc.ABC):

@@ -15,15 +15,17 @@ import ctypes
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from runm.vm.accel import choose_accelerator
-from runm.vm.base import VirtualMachine, VMConfig, VMError
+from runm.vm.base import Share, SnapshotFiles, VirtualMachine, VMConfig, VMError
 
 log = logging.getLogger("runm.vm")
 
@@ -34,7 +36,9 @@ FAST_KERNEL_ARGS = [
     "cryptomgr.notests", "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
     "8250.nr_uarts=1", "random.trust_cpu=on", "runm.root=/dev/vda",
 ]
-HOTPLUG_ROOT_PORTS = 2  # reserved for shares plugged after a snapshot restore
+# PCIe root ports reserved at boot so a restored snapshot can take this many virtiofs shares.
+HOTPLUG_ROOT_PORTS = 8
+MIGRATION_TIMEOUT = 30.0
 _ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
 
 
@@ -122,14 +126,38 @@ class QemuVM(VirtualMachine):
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    def _memory_backend(self, fds: dict[str, int]) -> list[str]:
+        """Guest RAM. virtiofs needs RAM the vhost-user daemon can map: share=on always."""
+        c = self.config
+        size = f"size={c.memory_mib}M"
+        if c.restore is not None:  # a private copy of the snapshot's RAM, passed as an fd
+            return ["-object", f"memory-backend-file,id=mem,{size},"
+                    f"mem-path=/proc/self/fd/{fds['ram']},share=on", "-incoming", "defer"]
+        if c.memory_file is not None:
+            return ["-object", f"memory-backend-file,id=mem,{size},mem-path={c.memory_file},"
+                    "share=on"]
+        return ["-object", f"memory-backend-memfd,id=mem,{size},share=on"]
+
+    def machine_signature(self, accel: str) -> str:
+        """The VM's devices and boot parameters, without RAM backing, run paths or fds: a
+        snapshot restores only into a VM whose signature equals the one it was taken from."""
+        fds = {name: 0 for name in ("qmp", "ram", *self.config.ports)}
+        argv = self._argv(accel, fds, shares=[])
+        return " ".join(argv).replace(str(self.run_dir), "$RUN")
+
     def build_argv(self, accel: str, fds: dict[str, int]) -> list[str]:
+        c = self.config
+        # A restored guest gets its shares hot-plugged: its devices must be the template's.
+        shares = [] if c.restore is not None else c.shares
+        binary, *rest = self._argv(accel, fds, shares)
+        return [binary, "-name", c.name, *rest, *self._memory_backend(fds)]
+
+    def _argv(self, accel: str, fds: dict[str, int], shares: list[Share]) -> list[str]:
         c = self.config
         mem = f"{c.memory_mib}M"
         argv = [
-            qemu_binary(), "-name", c.name, "-nodefaults", "-no-user-config", "-nographic",
+            qemu_binary(), "-nodefaults", "-no-user-config", "-nographic",
             "-no-reboot", "-accel", accel, "-smp", str(c.cpus), "-m", mem,
-            # virtiofs needs guest RAM the vhost-user daemon can map (share=on)
-            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-machine", "q35,memory-backend=mem",
             "-kernel", str(c.kernel), "-initrd", str(c.initrd),
             "-append", " ".join([*FAST_KERNEL_ARGS, *c.kernel_args]),
@@ -147,7 +175,7 @@ class QemuVM(VirtualMachine):
         for i, name in enumerate(c.ports):
             argv += ["-chardev", f"socket,id=port{i},fd={fds[name]},server=on,wait=off",
                      "-device", f"virtserialport,bus=vs0.0,chardev=port{i},name={name}"]
-        for i, share in enumerate(c.shares):
+        for i, share in enumerate(shares):
             argv += ["-chardev", f"socket,id=fs{i},path={self._virtiofsd_socket(i)}",
                      "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag},queue-size=1024"]
         for i in range(HOTPLUG_ROOT_PORTS):
@@ -168,6 +196,7 @@ class QemuVM(VirtualMachine):
             self.accel = await asyncio.get_running_loop().run_in_executor(
                 None, choose_accelerator, c.kernel)
         sockets: list[socket.socket] = []
+        ram_fd = -1
         try:
             fds: dict[str, int] = {}
             for key, path in [("qmp", self.qmp_path),
@@ -175,15 +204,11 @@ class QemuVM(VirtualMachine):
                 sock = _listen(path)
                 sockets.append(sock)
                 fds[key] = sock.fileno()
-            if c.shares:
-                virtiofsd = virtiofsd_binary()
-            for i, share in enumerate(c.shares):
-                sock = _listen(self._virtiofsd_socket(i))
-                sockets.append(sock)
-                argv = [virtiofsd, f"--fd={sock.fileno()}", "-o", f"source={share.host_path}",
-                        "-o", "cache=auto", "-o", "announce_submounts"]
-                self._helpers.append(_spawn(argv, [sock.fileno()],
-                                            self.run_dir / f"virtiofsd{i}.log"))
+            if c.restore is not None:
+                ram_fd = fds["ram"] = private_ram_copy(c.restore.ram, c.memory_mib << 20)
+            else:
+                for i, share in enumerate(c.shares):
+                    self._start_virtiofsd(i, share)
             self._qemu = _spawn(self.build_argv(self.accel, fds), list(fds.values()),
                                 self.stderr_path)
         except BaseException:
@@ -192,8 +217,89 @@ class QemuVM(VirtualMachine):
         finally:
             for sock in sockets:
                 sock.close()
+            if ram_fd >= 0:
+                os.close(ram_fd)  # QEMU has its own reference now
         self._exit = _watch_exit(self._qemu)
         log.debug("qemu pid=%d accel=%s", self._qemu.pid, self.accel)
+        if c.restore is not None:
+            try:
+                await self._restore(c.restore)
+                for i, share in enumerate(c.shares):
+                    await self._hotplug_share(i, share)
+            except BaseException:
+                await self._close_qmp()
+                self.kill()
+                raise
+
+    def _start_virtiofsd(self, index: int, share: Share) -> None:
+        sock = _listen(self._virtiofsd_socket(index))
+        try:
+            argv = [virtiofsd_binary(), f"--fd={sock.fileno()}",
+                    "-o", f"source={share.host_path}", "-o", "cache=auto",
+                    "-o", "announce_submounts"]
+            self._helpers.append(_spawn(argv, [sock.fileno()],
+                                        self.run_dir / f"virtiofsd{index}.log"))
+        finally:
+            sock.close()
+
+    async def _hotplug_share(self, index: int, share: Share) -> None:
+        """Attach a virtiofs share to a running guest (into a reserved root port)."""
+        if index >= HOTPLUG_ROOT_PORTS:
+            raise VMError(f"cannot hot-plug more than {HOTPLUG_ROOT_PORTS} shares")
+        self._start_virtiofsd(index, share)
+        address = {"type": "unix", "data": {"path": str(self._virtiofsd_socket(index))}}
+        await self.qmp("chardev-add", id=f"fs{index}",
+                       backend={"type": "socket", "data": {"addr": address, "server": False}})
+        await self.qmp("device_add", driver="vhost-user-fs-pci", id=f"fsdev{index}",
+                       chardev=f"fs{index}", tag=share.tag, bus=f"hp{index}",
+                       **{"queue-size": 1024})
+
+    async def _migration(self, command: str, uri: str) -> None:
+        """Run `migrate` or `migrate-incoming` (guest RAM excluded) and wait for it to finish."""
+        from qemu.qmp import QMPClient
+
+        await self.qmp("migrate-set-capabilities", capabilities=[
+            {"capability": "x-ignore-shared", "state": True},
+            {"capability": "events", "state": True}])
+        client = self._qmp
+        assert isinstance(client, QMPClient)
+        exited = self._exit
+        assert exited is not None
+        with client.listener("MIGRATION") as listener:
+            await self.qmp(command, uri=uri)
+
+            async def finished() -> str:
+                while True:
+                    event: Any = await listener.get()
+                    status = str(event["data"]["status"])
+                    if status in ("completed", "failed", "cancelled"):
+                        return status
+
+            done = asyncio.ensure_future(finished())
+            try:
+                waiters: list[asyncio.Future[Any]] = [done, exited]
+                await asyncio.wait(waiters, timeout=MIGRATION_TIMEOUT,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                done.cancel()
+            if exited.done():
+                raise VMError(f"qemu exited with {exited.result()} during {command}: "
+                              f"{self.console_tail(3)}")
+            if not done.done() or done.cancelled():
+                raise VMError(f"{command} did not finish within {MIGRATION_TIMEOUT:.0f}s")
+            if done.result() != "completed":
+                raise VMError(f"{command} {done.result()}: {self.console_tail(3)}")
+
+    async def _restore(self, snapshot: SnapshotFiles) -> None:
+        await self._migration("migrate-incoming", f"exec:cat {shlex.quote(str(snapshot.state))}")
+        await self.qmp("cont")
+
+    async def save_snapshot(self, state: Path) -> None:
+        """Stop the guest and write its device state to `state`; RAM stays in memory_file."""
+        if self.config.memory_file is None:
+            raise VMError("only a VM booted with a memory file can be snapshotted")
+        await self.qmp("stop")
+        await self._migration("migrate", f"exec:cat > {shlex.quote(str(state))}")
 
     def exited(self) -> bool:
         return self._exit is not None and self._exit.done()
@@ -266,6 +372,37 @@ class QemuVM(VirtualMachine):
 
     def remove_run_dir(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def private_ram_copy(path: Path, size: int) -> int:
+    """A memfd holding a copy of the RAM file at path (holes stay holes): a restored guest
+    writes to its own pages, never to the snapshot, while virtiofsd can still map them."""
+    fd = os.memfd_create("runm-guest-ram", os.MFD_CLOEXEC)
+    try:
+        with open(path, "rb") as src:
+            in_fd = src.fileno()
+            actual = os.fstat(in_fd).st_size
+            if actual != size:
+                raise VMError(f"snapshot RAM {path} is {actual} bytes, expected {size}")
+            os.ftruncate(fd, size)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(in_fd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: only a hole is left
+                    break
+                end = os.lseek(in_fd, start, os.SEEK_HOLE)
+                os.lseek(fd, start, os.SEEK_SET)
+                while start < end:
+                    sent = os.sendfile(fd, in_fd, start, end - start)
+                    if sent == 0:
+                        raise VMError(f"snapshot RAM {path}: short read at {start}")
+                    start += sent
+                pos = end
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _watch_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:

@@ -1,0 +1,181 @@
+"""Containers start from a snapshot of a booted guest: same behaviour as a cold boot, a broken
+snapshot falls back to a cold boot with a log line, and restored guests do not share state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from runm.guest.image import GuestImage
+from runm.sandbox.sandbox import Sandbox, vm_run_dir
+from runm.sandbox.snapshot import find_snapshot
+from runm.sandbox.spec import make_busybox_bundle
+from runm.vm.accel import choose_accelerator
+from runm.vm.base import SnapshotFiles
+from tests.conftest import Runm
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
+
+RESTORED = "started from snapshot"
+FELL_BACK = "booting cold instead"
+
+
+def current_snapshot(image: GuestImage) -> SnapshotFiles:
+    sandbox = Sandbox.create("probe", image, vm_run_dir(Path("/"), "probe"), [])
+    found = find_snapshot(image, sandbox.vm, choose_accelerator(image.kernel))
+    assert found is not None, "the guest_image fixture makes the snapshot"
+    return found
+
+
+def run_logged(runm: Runm, tmp_path: Path, name: str, bundle: Path,
+               env: dict[str, str] | None = None, **kwargs: object
+               ) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    log = tmp_path / f"{name}.log"
+    result = runm.run("--log", str(log), "run", "-b", str(bundle), name,
+                      env=env, **kwargs)  # type: ignore[arg-type]
+    return result, log.read_text() if log.exists() else ""
+
+
+PROBE = ("echo args: $0 $1; cat; grep -c ' /proc ' /proc/mounts; "
+         "ls /data; echo written > /data/out; hostname; exit 5")
+
+
+def probe_bundle(tmp_path: Path, name: str) -> Path:
+    data = tmp_path / f"{name}-data"
+    data.mkdir()
+    (data / "in").write_text("from the host\n")
+    b = make_busybox_bundle(tmp_path / name, ["sh", "-c", PROBE, "x", "y"])
+    config = json.loads((b / "config.json").read_text())
+    config["mounts"].append({"destination": "/data", "type": "bind", "source": str(data),
+                             "options": ["rbind", "rw"]})
+    config["hostname"] = "probe"
+    (b / "config.json").write_text(json.dumps(config))
+    return b
+
+
+def test_restored_container_behaves_like_a_cold_booted_one(runm: Runm, tmp_path: Path) -> None:
+    results = {}
+    for mode, flag in (("cold", "0"), ("restored", "1")):
+        env = {**runm.env, "RUNM_SNAPSHOT": flag}
+        result, log = run_logged(runm, tmp_path, mode, probe_bundle(tmp_path, mode), env,
+                                 input=b"stdin line\n")
+        assert (RESTORED in log) == (mode == "restored"), log
+        assert (tmp_path / f"{mode}-data" / "out").read_text() == "written\n"
+        results[mode] = (result.returncode, result.stdout, result.stderr)
+    assert results["restored"] == results["cold"]
+    assert results["cold"][0] == 5
+    assert results["cold"][1].decode().splitlines() == [
+        "args: x y", "stdin line", "1", "in", "probe"]
+
+
+def test_signal_reaches_a_container_in_a_restored_guest(runm: Runm, tmp_path: Path) -> None:
+    b = make_busybox_bundle(tmp_path / "b", [
+        "sh", "-c", "trap 'echo got TERM; exit 42' TERM; echo ready; "
+                    "while true; do sleep 0.1; done"])
+    log = tmp_path / "sig.log"
+    proc = runm.popen("--log", str(log), "run", "-b", str(b), "sig", stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert out == b"got TERM\n"
+    assert proc.returncode == 42
+    assert RESTORED in log.read_text()
+
+
+def test_restored_guests_have_their_own_randomness_and_the_current_time(
+        runm: Runm, tmp_path: Path) -> None:
+    b = make_busybox_bundle(tmp_path / "b", [
+        "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"])
+    seen = []
+    for i in range(2):
+        result, log = run_logged(runm, tmp_path, f"r{i}", b)
+        assert result.returncode == 0, result.stderr.decode()
+        assert RESTORED in log
+        random_hex, guest_time = result.stdout.decode().split()
+        assert abs(int(guest_time) - time.time()) < 30, "the guest clock was not set"
+        seen.append(random_hex)
+    assert len(seen[0]) == 32
+    assert seen[0] != seen[1], "two guests restored from one snapshot share their RNG state"
+
+
+def private_data_dir(tmp_path: Path, image: GuestImage, snapshot: SnapshotFiles,
+                     ram: Path | None = None, state: bytes | None = None) -> Path:
+    """A RUNM_DATA_DIR with the current image (linked) and a copy of its snapshot that has
+    the given RAM file or state bytes instead of the good ones."""
+    data = tmp_path / "data"
+    image_dir = data / "guest" / "images" / image.kernel.parent.name
+    shutil.copytree(image.kernel.parent, image_dir, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("snapshots", ".lock"))
+    accel = Path(os.environ.get("RUNM_DATA_DIR", "/var/lib/runm")) / "accel"
+    if accel.is_dir():
+        shutil.copytree(accel, data / "accel")
+    folder = image_dir / "snapshots" / snapshot.ram.parent.name
+    folder.mkdir(parents=True)
+    shutil.copy(snapshot.ram.parent / "meta.json", folder / "meta.json")
+    if ram is None:
+        os.link(snapshot.ram, folder / "ram")
+    else:
+        shutil.move(ram, folder / "ram")
+    (folder / "state").write_bytes(state if state is not None else snapshot.state.read_bytes())
+    return data
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "zeroed ram"])
+def test_a_broken_snapshot_falls_back_to_a_cold_boot(
+        runm: Runm, tmp_path: Path, guest_image: GuestImage, damage: str) -> None:
+    good = current_snapshot(guest_image)
+    if damage == "truncated state":
+        data = private_data_dir(tmp_path, guest_image, good,
+                                state=good.state.read_bytes()[:4096])
+    else:
+        zeroed = tmp_path / "zero.ram"
+        with open(zeroed, "wb") as f:
+            f.truncate(good.ram.stat().st_size)
+        data = private_data_dir(tmp_path, guest_image, good, ram=zeroed)
+    env = {**runm.env, "RUNM_DATA_DIR": str(data)}
+    b = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "echo still works; exit 3"])
+    result, log = run_logged(runm, tmp_path, "fb", b, env)
+    assert result.returncode == 3, result.stderr.decode()
+    assert result.stdout == b"still works\n"
+    assert FELL_BACK in log, log
+    assert RESTORED not in log
+    assert not (data / "guest" / "images" / guest_image.kernel.parent.name / "snapshots" /
+                good.ram.parent.name).exists(), "a snapshot that failed must be discarded"
+    assert good.ram.exists(), "the shared snapshot is untouched"
+
+
+def test_more_shares_than_hotplug_slots_boots_cold_and_works(runm: Runm,
+                                                             tmp_path: Path) -> None:
+    from runm.vm.qemu import HOTPLUG_ROOT_PORTS
+
+    b = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "cat /v*/f | wc -l"])
+    config = json.loads((b / "config.json").read_text())
+    for i in range(HOTPLUG_ROOT_PORTS + 1):
+        d = tmp_path / f"vol{i}"
+        d.mkdir()
+        (d / "f").write_text(f"{i}\n")
+        config["mounts"].append({"destination": f"/v{i}", "type": "bind", "source": str(d),
+                                 "options": ["rbind", "ro"]})
+    (b / "config.json").write_text(json.dumps(config))
+    result, log = run_logged(runm, tmp_path, "many", b)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == str(HOTPLUG_ROOT_PORTS + 1)
+    assert RESTORED not in log
+    assert "booting cold" in log
+
+
+def test_guest_build_makes_the_snapshot(guest_image: GuestImage) -> None:
+    snapshot = current_snapshot(guest_image)
+    assert snapshot.state.stat().st_size < 4 << 20, "the state holds devices, not RAM"
+    allocated = os.stat(snapshot.ram).st_blocks * 512
+    assert allocated < snapshot.ram.stat().st_size / 2, "the RAM file is sparse"
+
+
