@@ -195,3 +195,30 @@ def test_exec_and_terminal(tmp_path: Path) -> None:
             assert (await agent.client.wait_process("c5")).exit_status == 137
             await agent.client.delete_container("c5")
     run(body())
+
+
+def test_mount_waits_only_for_a_device_that_may_still_appear(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            # An unknown virtiofs tag is what a hot-plugged share looks like before the guest
+            # probed it: retried until wait_ms, then reported.
+            with pytest.raises(TtrpcError) as late:
+                await agent.client.mount("no-such-tag", str(tmp_path / "m1"), "virtiofs", [],
+                                         wait_ms=200)
+            assert late.value.code == Code.INTERNAL
+            assert "no-such-tag" in late.value.message
+            # Any other failure is final at once (a retry would outlast the 60 s test limit).
+            with pytest.raises(TtrpcError) as bad:
+                await agent.client.mount("x", str(tmp_path / "m2"), "no-such-fs", [],
+                                         wait_ms=120_000)
+            assert "no-such-fs" in bad.value.message
+    run(body())
+
+
+def test_quiesce_answers_then_ends_the_connection(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            await agent.client.quiesce(timeout=10)
+            with pytest.raises(ConnectionError):
+                await agent.client.state("c1")
+    run(body())

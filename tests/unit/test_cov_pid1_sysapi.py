@@ -264,3 +264,31 @@ def test_loopback_up_makes_localhost_usable_in_a_fresh_network_namespace() -> No
         pytest.skip(f"cannot create a network namespace: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [False, True]
+
+
+def test_sealed_copy_runs_and_cannot_be_changed(tmp_path: Path) -> None:
+    """runc 1.1 skips its per-start self-copy only for a memfd with exactly these seals."""
+    import fcntl
+
+    fd = sysapi.sealed_copy(shutil.which("true") or "/bin/true")
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == sysapi.RUNC_MEMFD_SEALS
+        with pytest.raises(PermissionError):
+            os.write(fd, b"x")
+        result = subprocess.run([f"/proc/{os.getpid()}/fd/{fd}"], check=False)
+        assert result.returncode == 0
+    finally:
+        os.close(fd)
+
+
+def test_sealed_copy_of_a_missing_binary_is_an_oserror(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        sysapi.sealed_copy(str(tmp_path / "no-runc"))
+
+
+def test_zero_free_memory_leaves_the_margin(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  524288 kB\nMemFree:   102400 kB\n")
+    assert sysapi.zero_free_memory(margin=48 << 20, meminfo=str(meminfo)) == 52 << 20
+    meminfo.write_text("MemFree:   1024 kB\n")
+    assert sysapi.zero_free_memory(meminfo=str(meminfo)) == 0

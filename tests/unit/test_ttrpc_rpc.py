@@ -851,3 +851,38 @@ def test_stream_ids_run_out_after_the_largest_odd_id() -> None:
         await peer_side.aclose()
 
     run(main)
+
+
+def test_handler_can_end_its_connection_after_the_reply() -> None:
+    """What the agent's Quiesce does before a snapshot: the reply arrives, serve() returns,
+    and a new serve() on the same stream accepts stream ids from 1 again (a new peer)."""
+
+    async def last(req: Echo, ctx: CallContext) -> Echo:
+        ctx.end_connection = True
+        return Echo(text="bye")
+
+    async def main() -> tuple[Response, Response, bool]:
+        server = echo_server(Last=last)
+        peer_side, server_side = await stream_pair()
+        peer = RawPeer(peer_side)
+        serving = asyncio.create_task(server.serve(server_side))
+        await peer.request(5, "Last", Echo(text="x").encode())
+        _, reply = await peer.response()
+        await asyncio.wait_for(serving, 2)  # returned although the peer is still there
+        ended = serving.done()
+        # The stream was closed by the first session; a real port is reopened by the agent.
+        peer_side2, server_side2 = await stream_pair()
+        serving = asyncio.create_task(server.serve(server_side2))
+        peer2 = RawPeer(peer_side2)
+        await peer2.request(1, "Echo", Echo(text="again").encode())
+        _, again = await peer2.response()
+        await peer_side2.aclose()
+        await asyncio.wait_for(serving, 2)
+        await peer_side.aclose()
+        return reply, again, ended
+
+    reply, again, ended = run(main)
+    assert ended
+    assert Echo.decode(reply.payload).text == "bye"
+    assert again.status is None or again.status.code == Code.OK
+    assert Echo.decode(again.payload).count == 1

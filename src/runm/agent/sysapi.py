@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import mmap
 import os
 import struct
 
@@ -113,3 +114,25 @@ def sealed_copy(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def zero_free_memory(margin: int = 48 << 20, meminfo: str = "/proc/meminfo") -> int:
+    """Have the kernel zero (almost) every free page; return how many bytes were zeroed.
+
+    Freed pages keep their old bytes, and every non-zero guest page costs RAM in each VM
+    restored from a snapshot; zero pages are left out of it. Caches are kept: dropping them
+    made the first container start after a restore slower (its files read again).
+    """
+    free = 0
+    with open(meminfo) as f:
+        for line in f:
+            if line.startswith("MemFree:"):
+                free = int(line.split()[1]) * 1024
+    size = (free - margin) & ~0xFFFFF
+    if size <= 0:
+        return 0
+    # MAP_POPULATE: the kernel faults in (and clears) every page inside mmap(); unmapping
+    # returns them to the free lists, zeroed.
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    region.close()
+    return size
