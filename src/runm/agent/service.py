@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import struct
 import termios
@@ -33,6 +34,7 @@ log = logging.getLogger("runm.agent")
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 MOUNT_RETRY_INTERVAL = 0.005
+WARM_UP_BUNDLE = "runm-warmup"
 
 
 class StreamSource(Protocol):
@@ -101,7 +103,8 @@ class AgentService:
             "Stats": (api.ContainerRequest, self.stats),
             "Update": (api.JsonMessage, self.update),
             "Shutdown": (api.Empty, self.shutdown),
-            "Quiesce": (api.Empty, self.quiesce),
+            "Quiesce": (api.QuiesceRequest, self.quiesce),
+            "WarmUp": (api.Empty, self.warm_up),
         }
         for method, (request_type, handler) in handlers.items():
             server.register_unary(api.SERVICE, method, request_type, handler)
@@ -137,20 +140,53 @@ class AgentService:
             raise TtrpcError(Code.INTERNAL, str(err)) from err
         return api.Empty()
 
-    async def quiesce(self, req: api.Empty, ctx: CallContext) -> api.Empty:
+    async def quiesce(self, req: api.QuiesceRequest, ctx: CallContext) -> api.Empty:
         """The host is about to snapshot this VM: end its connection once this reply is out,
         so whatever connects next (a restored copy's host) starts a fresh ttrpc session."""
         ctx.end_connection = True
-        if self.pid1:
-            await self._warm_up()
+        if self.pid1 and req.for_snapshot:
+            await self._prepare_snapshot()
         os.sync()
         return api.Empty()
 
-    async def _warm_up(self) -> None:
+    async def _prepare_snapshot(self) -> None:
         """Page in what every container start needs, so the snapshot has it; then zero the
         free memory, so the host can leave those pages out of the snapshot's RAM file."""
         await self.reaper.output([self.runc.binary, "--version"])
         await asyncio.get_running_loop().run_in_executor(None, sysapi.zero_free_memory)
+
+    async def warm_up(self, req: api.Empty, ctx: CallContext) -> api.Empty:
+        """Run a throwaway container (busybox `true`) through the same path as a real one.
+
+        Under TCG, a freshly restored guest translates every code path the first time it runs:
+        the first container start costs about a second more than the second. A pooled guest
+        pays that before anyone waits for it.
+        """
+        bundle = self.runc.state_dir.parent / WARM_UP_BUNDLE  # /run/runm-warmup in the guest
+        remove_tree(bundle)
+        try:
+            rootfs = bundle / "rootfs" / "bin"
+            rootfs.mkdir(parents=True)
+            shutil.copy("/bin/busybox", rootfs / "busybox")
+            await self.reaper.output([self.runc.binary, "spec", "--bundle", str(bundle)])
+            config_path = bundle / "config.json"
+            config = json.loads(config_path.read_text())
+            config["process"]["terminal"] = False
+            config["process"]["args"] = ["/bin/busybox", "true"]
+            config_path.write_text(json.dumps(config))
+            cid = bundle.name
+            await self.create_container(
+                api.CreateContainerRequest(cid, str(bundle), api.Stdio()), ctx)
+            await self.start_container(api.ContainerRequest(cid), ctx)
+            status = (await self.wait_process(api.ProcessRequest(cid), ctx)).exit_status
+            await self.delete_container(api.DeleteRequest(cid, True), ctx)
+        except (OSError, ValueError, KeyError) as err:
+            raise TtrpcError(Code.INTERNAL, f"warm-up container: {err}") from err
+        finally:
+            remove_tree(bundle)
+        if status != 0:
+            raise TtrpcError(Code.INTERNAL, f"warm-up container exited with {status}")
+        return api.Empty()
 
     async def shutdown(self, req: api.Empty, ctx: CallContext) -> api.Empty:
         self.shutdown_requested.set()

@@ -171,6 +171,65 @@ def cmd_guest_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool_fill(args: argparse.Namespace) -> int:
+    import time
+
+    from runm.sandbox import pool
+    from runm.sandbox.sandbox import run_base
+
+    if args.size < 0:
+        raise RunmError(f"invalid pool size {args.size}: must be 0 or more")
+    ensure_guest_image()  # and the snapshot: keepers would each try to make it otherwise
+    base = run_base()
+    pool.set_pool_size(base, args.size)
+    pool.refill(base)
+    if args.no_wait or args.size == 0:
+        return 0
+    progress = Progress.for_stderr()
+    deadline = time.monotonic() + args.timeout
+    try:
+        while True:
+            ready = [m for m in pool.members(base) if m.state == "ready"]
+            progress.step(f"warming up pooled VMs: {len(ready)}/{args.size} ready")
+            if len(ready) >= args.size:
+                return 0
+            if time.monotonic() > deadline:
+                raise RunmError(f"only {len(ready)} of {args.size} pooled VMs ready after "
+                                f"{args.timeout:.0f}s (see {base}/pool-*/keeper.log)")
+            if not pool.members(base):
+                raise RunmError(f"pooled VMs failed to start (keepers exited; is the guest "
+                                f"image built?) under {base}")
+            time.sleep(0.2)  # polling the members' state files: they have no other signal
+    finally:
+        progress.done()
+
+
+def cmd_pool_list(args: argparse.Namespace) -> int:
+    from runm.sandbox import pool
+    from runm.sandbox.sandbox import run_base
+
+    base = run_base()
+    members = pool.members(base)
+    if args.format == "json":
+        print(json.dumps({"size": pool.pool_size(base), "members": [
+            {"run_dir": str(m.run_dir), "state": m.state, "snapshot": m.key,
+             "keeper_pid": m.keeper_pid, "qemu_pid": m.qemu_pid} for m in members]}))
+        return 0
+    print(f"pool size {pool.pool_size(base)}, {len(members)} member(s)")
+    for m in members:
+        print(f"{m.run_dir.name}   {m.state:<8}   keeper {m.keeper_pid}   qemu {m.qemu_pid or '-'}")
+    return 0
+
+
+def cmd_pool_drain(args: argparse.Namespace) -> int:
+    from runm.sandbox import pool
+    from runm.sandbox.sandbox import run_base
+
+    pool.set_pool_size(run_base(), 0)
+    pool.drain(run_base())
+    return 0
+
+
 def version_text() -> str:
     return (f"runc version {RUNC_COMPAT_VERSION}\nrunm: {runm.__version__}\n"
             f"spec: {SPEC_VERSION}\npython: {sys.version.split()[0]}\n")
@@ -252,6 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_guest_build)
     path = guest_sub.add_parser("path", help="print the paths of the current guest image")
     path.set_defaults(func=cmd_guest_path)
+
+    pool = sub.add_parser(
+        "pool", help="keep VMs restored and warmed up in advance, so starts skip both",
+        description="The warm pool: guests restored from the VM snapshot, warmed up by one "
+                    "throwaway container, and kept paused. A start takes one (resume, plug "
+                    "in the bundle, run runc on warm code paths) and a new one is prepared in "
+                    "the background. Off until `runm pool fill N`. Each pooled VM costs host "
+                    "memory while it waits (see `runm bench`).")
+    pool_sub = pool.add_subparsers(dest="pool_command", metavar="command")
+    fill = pool_sub.add_parser("fill", help="set the pool size and wait until it is full")
+    fill.add_argument("size", type=int, help="VMs to keep ready (0 turns the pool off)")
+    fill.add_argument("--no-wait", action="store_true", help="return at once")
+    fill.add_argument("--timeout", type=float, default=600.0,
+                      help="seconds to wait for the pool to fill (default 600)")
+    fill.set_defaults(func=cmd_pool_fill)
+    plist = pool_sub.add_parser("list", help="show the pool's size and members")
+    plist.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    plist.set_defaults(func=cmd_pool_list)
+    pdrain = pool_sub.add_parser("drain", help="turn the pool off and stop its waiting VMs")
+    pdrain.set_defaults(func=cmd_pool_drain)
     return parser
 
 

@@ -19,6 +19,13 @@ class Empty(Message):
 
 
 @dataclass
+class QuiesceRequest(Message):
+    """End the host's connection; for_snapshot: also page in and zero free memory first."""
+
+    for_snapshot: bool = pfield(1, "bool")
+
+
+@dataclass
 class SetupRequest(Message):
     """Sent once per boot or restore, before anything else: the guest's clock and entropy."""
 

@@ -87,9 +87,13 @@ class AgentClient:
     async def update(self, container_id: str, resources_json: str) -> None:
         await self._call("Update", api.JsonMessage(container_id, resources_json), api.Empty)
 
-    async def quiesce(self, timeout: float | None = None) -> None:
-        """End this connection on the agent's side (before a snapshot); see AgentService."""
-        await self._call("Quiesce", api.Empty(), api.Empty, timeout)
+    async def quiesce(self, for_snapshot: bool = False, timeout: float | None = None) -> None:
+        """End this connection on the agent's side (before a snapshot or a hand-over)."""
+        await self._call("Quiesce", api.QuiesceRequest(for_snapshot), api.Empty, timeout)
+
+    async def warm_up(self, timeout: float | None = None) -> None:
+        """Run a throwaway container in the guest (see AgentService.warm_up)."""
+        await self._call("WarmUp", api.Empty(), api.Empty, timeout)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         await self._call("Shutdown", api.Empty(), api.Empty, timeout)

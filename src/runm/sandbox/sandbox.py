@@ -35,11 +35,15 @@ def boot_timeout() -> float:
     return float(os.environ.get("RUNM_BOOT_TIMEOUT", "90"))
 
 
+def run_base() -> Path:
+    """Where VM run dirs (and pool members) live: $RUNM_RUN_DIR, else /run/runm-vm."""
+    return Path(os.environ.get("RUNM_RUN_DIR", "/run/runm-vm"))
+
+
 def vm_run_dir(root: Path, container_id: str) -> Path:
     """Short per-VM socket dir: unix socket paths are limited to 107 bytes, ids can be 64."""
-    base = Path(os.environ.get("RUNM_RUN_DIR", "/run/runm-vm"))
     digest = hashlib.sha256(f"{root.resolve()}\0{container_id}".encode()).hexdigest()[:16]
-    return base / digest
+    return run_base() / digest
 
 
 class Timings:
@@ -101,7 +105,7 @@ async def prepare_snapshot(image: GuestImage,
     snapshots are off); False if it could not be made (starts will boot cold)."""
     sandbox = Sandbox.create("runm-template", image, vm_run_dir(Path("/"), "template"), [])
     sandbox.progress = progress
-    return await sandbox._snapshot(Timings()) is not None
+    return await sandbox.snapshot(Timings()) is not None
 
 
 class Sandbox:
@@ -114,6 +118,7 @@ class Sandbox:
         self._client: Client | None = None
         self.kernel_release = ""
         self.restored = False  # started from a snapshot rather than a cold boot
+        self.pooled = False  # taken from the warm pool (restored and warmed up in advance)
         self.progress: Callable[[str], None] | None = None
 
     @classmethod
@@ -131,7 +136,9 @@ class Sandbox:
         when there is none to be had or restoring fails, with a log line saying why.
         """
         timings = timings or Timings()
-        snapshot = await self._snapshot(timings)
+        snapshot = await self.snapshot(timings)
+        if snapshot is not None and await self._from_pool(timings, snapshot):
+            return
         if snapshot is not None:
             began = time.monotonic()
             try:
@@ -148,7 +155,29 @@ class Sandbox:
                 timings.mark("restore_failed")
         await self._start(timings, restore=None)
 
-    async def _snapshot(self, timings: Timings) -> SnapshotFiles | None:
+    async def _from_pool(self, timings: Timings, snapshot: SnapshotFiles) -> bool:
+        """Take a paused, warmed-up guest from the pool, if it has one for this machine."""
+        from runm.sandbox import pool
+
+        began = time.monotonic()
+        qemu_pid = pool.claim(run_base(), snapshot, self.vm.run_dir)
+        try:
+            if not qemu_pid:
+                return False
+            await self._start(timings, restore=snapshot, adopt=qemu_pid)
+        except (RunmError, VMError, OSError) as err:
+            log.warning("pooled VM %d failed, restoring the snapshot instead: %s", qemu_pid, err)
+            await self._reset()
+            return False
+        finally:
+            pool.refill(run_base())  # in the background: keepers are their own processes
+        self.restored = self.pooled = True
+        log.info("VM %s taken from the pool in %.2fs", self.vm.config.name,
+                 time.monotonic() - began)
+        return True
+
+    async def snapshot(self, timings: Timings) -> SnapshotFiles | None:
+        """The snapshot this VM can start from (made now if missing), or None: boot cold."""
         if self.image is None or not snapshots_enabled():
             return None
         if len(self.shares) > HOTPLUG_ROOT_PORTS:
@@ -167,19 +196,32 @@ class Sandbox:
         finally:
             timings.mark("snapshot_check")
 
-    async def _start(self, timings: Timings, restore: SnapshotFiles | None) -> None:
+    async def start_restored(self, snapshot: SnapshotFiles, stdio: bool = True) -> None:
+        """Restore the snapshot and connect to the agent (no fallback: errors are raised)."""
+        await self._start(Timings(), restore=snapshot, stdio=stdio)
+
+    async def _start(self, timings: Timings, restore: SnapshotFiles | None, *,
+                     adopt: int = 0, stdio: bool = True) -> None:
+        """Boot, restore or (adopt: a pool member's QEMU pid) resume the VM, then connect
+        to the agent. stdio=False leaves the stdio port unconnected (a pool member's: its
+        taker must find a fresh stdio session)."""
         self.vm.config.restore = restore
+        what = "taking pooled" if adopt else "restoring" if restore else "starting"
         try:
-            await self.vm.start()
+            if adopt:
+                await self.vm.attach(adopt)
+            else:
+                await self.vm.start()
         except (VMError, OSError) as err:
-            raise RunmError(f"{'restoring' if restore else 'starting'} VM: {err}") from None
-        timings.mark("qemu_restore" if restore else "qemu_start")
+            raise RunmError(f"{what} VM: {err}") from None
+        timings.mark("qemu_attach" if adopt else "qemu_restore" if restore else "qemu_start")
         ctl = await AsyncioByteStream.connect_unix(str(self.vm.port_path(CTL_PORT)))
-        io = await AsyncioByteStream.connect_unix(str(self.vm.port_path(IO_PORT)))
         self._client = Client(ctl)
         self.agent = AgentClient(self._client)
-        self.mux = Mux(io)
-        await self.mux.start()
+        if stdio:
+            io = await AsyncioByteStream.connect_unix(str(self.vm.port_path(IO_PORT)))
+            self.mux = Mux(io)
+            await self.mux.start()
         timeout = RESTORE_TIMEOUT if restore else boot_timeout()
         self.kernel_release = await wait_agent(self.vm, self.agent, timeout)
         timings.mark("agent_ready" if restore else "guest_boot")
@@ -213,6 +255,15 @@ class Sandbox:
             self.vm.kill()
             await self._close_channels()
             self.vm.remove_run_dir()
+
+    async def detach(self) -> None:
+        """End this host's connections (the agent's first), leaving the VM paused for another
+        process to take over through the same sockets (a pool member handing its VM over)."""
+        if self.agent is not None:
+            await self.agent.quiesce(timeout=10)
+        await self._close_channels()
+        await self.vm.qmp("stop")
+        await self.vm.close_qmp()
 
     async def _close_channels(self) -> None:
         mux, client = self.mux, self._client

@@ -204,7 +204,7 @@ async def _make_snapshot(image: GuestImage, like: VMConfig, accel: str, folder: 
         async with Client(ctl) as client:
             agent = AgentClient(client)
             await wait_agent(vm, agent, boot_timeout())
-            await agent.quiesce(timeout=10)
+            await agent.quiesce(for_snapshot=True, timeout=60)
         try:
             await vm.save_snapshot(folder / "state")
         except VMError as err:

@@ -15,12 +15,13 @@ import ctypes
 import logging
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,8 @@ class QemuVM(VirtualMachine):
         self._helpers: list[subprocess.Popen[bytes]] = []
         self._exit: asyncio.Future[int] | None = None
         self._qmp: object | None = None
+        self._adopted: int = 0  # pid of a QEMU started by another process (a pool keeper)
+        self._adopted_pidfd = -1
 
     # -- paths -------------------------------------------------------------------------
 
@@ -119,7 +122,7 @@ class QemuVM(VirtualMachine):
 
     @property
     def pid(self) -> int:
-        return self._qemu.pid if self._qemu else 0
+        return self._qemu.pid if self._qemu else self._adopted
 
     def helper_pids(self) -> list[int]:
         return [p.pid for p in self._helpers]
@@ -227,9 +230,30 @@ class QemuVM(VirtualMachine):
                 for i, share in enumerate(c.shares):
                     await self._hotplug_share(i, share)
             except BaseException:
-                await self._close_qmp()
+                await self.close_qmp()
                 self.kill()
                 raise
+
+    async def attach(self, qemu_pid: int) -> None:
+        """Take over a paused, restored QEMU another process started in our run dir (a pool
+        member): resume it and hot-plug our shares. Its exit code cannot be known (not our
+        child): wait_exit() gives -1."""
+        self._adopted = qemu_pid
+        self._adopted_pidfd = os.pidfd_open(qemu_pid)
+        self._exit = _watch_pidfd(self._adopted_pidfd, self._forget_adopted)
+        self.accel = self.config.accel or ""
+        try:
+            await self.qmp("cont")
+            for i, share in enumerate(self.config.shares):
+                await self._hotplug_share(i, share)
+        except BaseException:
+            await self.close_qmp()
+            self.kill()
+            raise
+
+    def _forget_adopted(self) -> None:
+        os.close(self._adopted_pidfd)
+        self._adopted_pidfd = -1
 
     def _start_virtiofsd(self, index: int, share: Share) -> None:
         sock = _listen(self._virtiofsd_socket(index))
@@ -319,7 +343,7 @@ class QemuVM(VirtualMachine):
         return await self._qmp.execute(command, arguments or None)  # type: ignore[attr-defined]
 
     async def stop(self, timeout: float = 5.0) -> None:
-        if self._qemu is None:
+        if self._qemu is None and not self._adopted:
             return
         if not self.exited():
             with contextlib.suppress(Exception):
@@ -328,11 +352,12 @@ class QemuVM(VirtualMachine):
                 await asyncio.wait_for(self.wait_exit(), timeout)
             except TimeoutError:
                 log.warning("qemu pid=%d did not quit in %.0fs: killing it", self.pid, timeout)
-        await self._close_qmp()
+        await self.close_qmp()
         self.kill()
         await self._reap_helpers(timeout)
 
-    async def _close_qmp(self) -> None:
+    async def close_qmp(self) -> None:
+        """Disconnect from QMP (it serves one client at a time)."""
         client, self._qmp = self._qmp, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -348,6 +373,10 @@ class QemuVM(VirtualMachine):
                 await loop.run_in_executor(None, helper.wait)
 
     def kill(self) -> None:
+        if self._adopted_pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._adopted_pidfd, signal.SIGKILL)
+            select.select([self._adopted_pidfd], [], [], 5)  # readable once it has exited
         for proc in [*( [self._qemu] if self._qemu else []), *self._helpers]:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -403,6 +432,22 @@ def private_ram_copy(path: Path, size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _watch_pidfd(pidfd: int, closed: Callable[[], None]) -> asyncio.Future[int]:
+    """A future resolved with -1 when the (non-child) process behind pidfd exits; `closed`
+    is called then, to close the pidfd."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    def on_exit() -> None:
+        loop.remove_reader(pidfd)
+        closed()
+        if not fut.done():
+            fut.set_result(-1)
+
+    loop.add_reader(pidfd, on_exit)
+    return fut
 
 
 def _watch_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:

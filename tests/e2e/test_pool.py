@@ -1,0 +1,103 @@
+"""The warm pool: starts take paused, warmed-up VMs; the pool refills; nothing leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runm.sandbox.spec import make_busybox_bundle
+from tests.conftest import Runm, vm_processes, wait_until
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
+
+TAKEN = "taken from the pool"
+
+
+def pool_members(runm: Runm) -> list[dict]:  # type: ignore[type-arg]
+    result = runm.run("pool", "list", "--format", "json")
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)["members"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def pool(runm: Runm) -> Iterator[Runm]:
+    result = runm.run("pool", "fill", "1")
+    assert result.returncode == 0, result.stderr.decode()
+    members = pool_members(runm)
+    assert [m["state"] for m in members] == ["ready"]
+    yield runm
+    assert runm.run("pool", "drain").returncode == 0
+    assert wait_until(lambda: not pool_members(runm), timeout=30)
+
+
+def test_a_start_takes_a_warm_vm_and_the_pool_refills(pool: Runm, tmp_path: Path) -> None:
+    first = pool_members(pool)[0]
+    data = tmp_path / "data"
+    data.mkdir()
+    b = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "cat; echo out > /data/f; exit 4"])
+    config = json.loads((b / "config.json").read_text())
+    config["mounts"].append({"destination": "/data", "type": "bind", "source": str(data),
+                             "options": ["rbind", "rw"]})
+    (b / "config.json").write_text(json.dumps(config))
+    log = tmp_path / "run.log"
+    result = pool.run("--log", str(log), "run", "-b", str(b), "p1", input=b"in\n")
+    assert result.returncode == 4, result.stderr.decode()
+    assert result.stdout == b"in\n"
+    assert (data / "f").read_text() == "out\n"
+    assert TAKEN in log.read_text()
+    assert not any(str(first["qemu_pid"]) == str(p) for p in vm_processes()), \
+        "the taken VM must be gone once its container is"
+
+    def refilled() -> bool:
+        members = pool_members(pool)
+        return len(members) == 1 and members[0]["state"] == "ready" and \
+            members[0]["run_dir"] != first["run_dir"]
+    assert wait_until(refilled, timeout=120), pool_members(pool)
+
+
+def test_a_detached_container_runs_in_a_pooled_vm(pool: Runm, tmp_path: Path) -> None:
+    b = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
+    result = pool.run_detached("--log", str(tmp_path / "c.log"), "run", "-d", "-b", str(b), "d1")
+    assert result.returncode == 0, result.stderr.decode()
+    assert TAKEN in (tmp_path / "c.log").read_text() or \
+        TAKEN in (pool.root / "d1" / "monitor.log").read_text()
+    ex = pool.run("exec", "d1", "sh", "-c", "echo hi from exec")
+    assert ex.stdout == b"hi from exec\n", ex.stderr.decode()
+    assert pool.run("kill", "d1", "KILL").returncode == 0
+    assert wait_until(lambda: json.loads(pool.run("state", "d1").stdout)["status"] == "stopped")
+    assert pool.run("delete", "d1").returncode == 0
+
+
+def test_a_killed_taker_takes_its_pooled_vm_with_it(pool: Runm, tmp_path: Path) -> None:
+    taken = pool_members(pool)[0]
+    b = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "echo ready; sleep 600"])
+    proc = pool.popen("run", "-b", str(b), "k1", stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    proc.stdout.close()
+    assert wait_until(lambda: taken["qemu_pid"] not in vm_processes(), timeout=30), \
+        "the keeper must kill the VM of a taker that died"
+
+
+def test_bad_pool_size_is_an_error(runm: Runm) -> None:
+    result = runm.run("pool", "fill", "-1")
+    assert result.returncode == 1
+    assert b"invalid pool size -1" in result.stderr
+    assert pool_members(runm) == []
+
+
+def test_without_a_pool_starts_restore_the_snapshot(runm: Runm, tmp_path: Path) -> None:
+    b = make_busybox_bundle(tmp_path / "b", ["true"])
+    log = tmp_path / "run.log"
+    result = runm.run("--log", str(log), "run", "-b", str(b), "n1")
+    assert result.returncode == 0, result.stderr.decode()
+    text = log.read_text()
+    assert TAKEN not in text and "started from snapshot" in text
