@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import os
 import shutil
@@ -154,6 +155,7 @@ def _main(args: argparse.Namespace, work: Path) -> int:
     from bench.report import draw_chart, render, write_json
     from runm.errors import RunmError
     from runm.guest.image import GuestImageError, default_data_dir, ensure_image, find_image
+    from runm.sandbox.sandbox import prepare_snapshot
     from runm.vm.accel import choose_accelerator
     from runm.vm.base import VMError
     from runm.vm.qemu import qemu_binary
@@ -172,7 +174,11 @@ def _main(args: argparse.Namespace, work: Path) -> int:
                 if attempt == 2:
                     raise
         os.environ["RUNM_DATA_DIR"] = str(private)
+        # VMs (and the warm pool) of this run apart from anyone else's
+        os.environ["RUNM_RUN_DIR"] = str(work / "vm")
         image = find_image(private)
+        if not asyncio.run(prepare_snapshot(image, lambda s: log(f"VM snapshot: {s}"))):
+            log("bench: no VM snapshot could be made: every start will boot cold")
     except (GuestImageError, RunmError, VMError, OSError) as err:
         log(f"bench: cannot prepare runm: {err}")
         return 2

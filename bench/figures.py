@@ -64,6 +64,10 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     restore = fig.measure("restore", "bare VM restore to agent-ready", Kind.TIME,
                           short="bare restore")
     bare = fig.measure("bare", "bare VM boot to agent-ready", Kind.TIME, short="bare VM boot")
+    pooled = fig.measure("pool", "runm run true (VM from the warm pool; its refill running "
+                         "alongside)", Kind.TIME, short="pool start")
+    pooled_quiet = fig.measure("pool_quiet", "runm run true (VM from the warm pool; no refill)",
+                               Kind.TIME, short="pool start, no refill")
     in_guest = fig.measure("in_guest", "runc run true in a running guest (its 2nd container)",
                            Kind.TIME, short="runc in a running guest")
     first = fig.measure("in_guest_first", "runc run true in a running guest (its 1st "
@@ -73,16 +77,19 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     outside = fig.measure("outside", "runm run (snapshot) outside its phases", Kind.TIME)
     fig.lines.append(Line("runm", ["runm_cold", "restore", "in_guest", "runc"],
                           ["in_guest_first", "outside"]))
+    fig.lines.append(Line("pool_quiet", ["in_guest", "runm"], ["pool"]))
     fig.lines.append(Line("runm_cold", ["bare", "runc"], ["bare_close"]))
     bundle = h.bundle("true", ["true"])
     runm_phases: list[dict[str, float]] = []
     cold_phases: list[dict[str, float]] = []
+    pool_phases: list[dict[str, float]] = []
     bare_phases: list[dict[str, float]] = []
     for counted, tag in cfg.rounds():
         cid = h.new_id("snap")
         r = h.timed(h.runm_argv(bundle, cid), cid, timings=True)
         cid = h.new_id("cold")
         c = h.timed(h.runm_argv(bundle, cid), cid, timings=True, snapshot=False)
+        p, q = pool_starts(h, bundle)
         s = h.bare_vm(h.new_id("restore"), snapshot=True)
         b = h.bare_vm(h.new_id("bare"))
         g = h.runc_in_guest(h.new_id("inguest"), bundle)
@@ -98,6 +105,10 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
             continue
         runm.add(r.wall, r.error)
         cold_runm.add(c.wall, c.error)
+        pooled.add(p.wall, p.error)
+        pooled_quiet.add(q.wall, q.error)
+        if q.ok and q.phases:
+            pool_phases.append(q.phases)
         restore.add(s.wall, s.error)
         bare.add(b.wall, b.error)
         in_guest.add(g.wall, g.error)
@@ -116,6 +127,7 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     fig.data["bare_phases"] = bare_phases
     fig.notes += phase_notes(runm_phases, runm, "runm run (snapshot)")
     fig.notes += phase_notes(cold_phases, cold_runm, "runm run (cold boot)")
+    fig.notes += phase_notes(pool_phases, pooled_quiet, "runm run (pool, no refill)")
     if bare_phases:
         med = median_phases(bare_phases)
         fig.notes.append("bare VM phases (median): " + " | ".join(
@@ -125,6 +137,54 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                      "wait and delete through the agent in a restored VM; native runc: host "
                      "runc, same bundle")
     return fig
+
+
+def pooled_memory(h: Harness, cfg: Config, mem: Figure, log: Log) -> None:
+    """Host memory of one pooled VM waiting to be taken (keeper + its QEMU)."""
+    measure = mem.measure("pooled", "one pooled VM waiting (keeper + QEMU, restored and warmed "
+                                    "up): PSS", Kind.MEMORY)
+    mem.lines.append(Line("pooled", [f"pc{cfg.density[0]}"]))
+    trees = []
+    for counted, tag in cfg.rounds():
+        fill = h.pool("fill", "1")
+        members = h.pool_members()
+        error = None if fill.ok and members else f"pool fill: {fill.error or 'no member'}"
+        pss: dict[str, int] = {}
+        if error is None:
+            time.sleep(cfg.settle)  # a documented settle, not synchronisation
+            pss = tree_pss(members[0].keeper_pid)
+        drained = h.pool_drain()
+        error = error or drained
+        log(f"[memory {tag}] pooled VM: " + (f"PSS {sig(pss['total'] / 1024)} MiB" if pss
+                                              else f"FAILED ({error})"))
+        if counted:
+            measure.add(pss["total"] / 1024 if pss and not error else None, error)
+            if pss and not error:
+                trees.append(pss)
+    if trees:
+        mem.notes.append("pooled VM (median): " + breakdown(trees))
+
+
+def pool_starts(h: Harness, bundle: object) -> tuple[RunResult, RunResult]:
+    """`runm run true` from a full pool of 1: once while the taken VM's replacement is being
+    prepared (what back-to-back starts see), once with the pool's size set to 0 first."""
+    results = []
+    for refill in (True, False):
+        fill = h.pool("fill", "1")
+        if not fill.ok:
+            results.append(RunResult(error=f"pool fill: {fill.error}"))
+            continue
+        if not refill:
+            h.pool("fill", "0", "--no-wait")
+        cid = h.new_id("pool")
+        res = h.timed(h.runm_argv(bundle, cid), cid, timings=True)  # type: ignore[arg-type]
+        if res.ok and "qemu_attach" not in res.phases:
+            res.error = "not taken from the pool"
+        results.append(res)
+    drained = h.pool_drain()
+    if drained:
+        results[-1].error = drained
+    return results[0], results[1]
 
 
 def phase_notes(runs: list[dict[str, float]], wall: object, what: str) -> list[str]:
@@ -271,6 +331,8 @@ def memory_and_density(h: Harness, cfg: Config, want: set[str],
             else:
                 den.measures[f"runc{n}"].add(wall, error)
                 mem.measures[f"runc{n}"].add(mib / n if pss and not error else None, error)
+    if "memory" in want:
+        pooled_memory(h, cfg, mem, log)
     mem.data["per_container_kb"] = {str(k): v for k, v in parts.items()}
     for n, trees in parts.items():
         mem.notes.append(f"{n} at once, per container (median): " + breakdown(trees))

@@ -322,6 +322,28 @@ class Harness:
             await sandbox.close()
         return res
 
+    # -- the warm pool ------------------------------------------------------------------
+
+    def pool(self, *args: str) -> RunResult:
+        """`runm pool ARGS` (fill waits until the pool is full)."""
+        return self.timed(self.runm_cli("pool", *args), self.new_id("pool"))
+
+    def pool_members(self) -> list[Any]:
+        from runm.sandbox import pool
+        from runm.sandbox.sandbox import run_base
+
+        return pool.members(run_base())
+
+    def pool_drain(self, timeout: float = 60.0) -> str | None:
+        """Turn the pool off, stop its members and wait until they are gone."""
+        self.pool("drain")
+        deadline = time.monotonic() + timeout
+        while self.pool_members():
+            if time.monotonic() > deadline:
+                return "pool members still there after drain"
+            time.sleep(0.1)  # keepers exit on SIGTERM; there is no other signal to wait on
+        return None
+
     # -- concurrent long-running containers ----------------------------------------------
 
     def batch(self, argvs: list[tuple[str, list[str]]]) -> Batch:
@@ -334,6 +356,9 @@ class Harness:
         from runm.sandbox.sandbox import vm_run_dir
 
         cleaned: list[str] = []
+        if self.pool_members():
+            cleaned.append("drained the warm pool")
+            self.pool_drain()
         for proc in list(self._live):
             if proc.poll() is None:
                 cleaned.append(f"stopped leftover pid {proc.pid}")

@@ -140,9 +140,46 @@ def tree_pss(root: int) -> dict[str, int]:
             if kind in fields:
                 key = f"{part}.{kind[4:].lower()}"
                 out[key] = out.get(key, 0) + fields[kind]
+        if part == "qemu":
+            unmapped = guest_ram_unmapped_kb(info.pid)
+            if unmapped:
+                out["guest RAM not mapped"] = out.get("guest RAM not mapped", 0) + unmapped
+                total += unmapped
     out["total"] = total
     out["processes"] = len(members)
     return out
+
+
+GUEST_RAM_MEMFD = "memfd:runm-guest-ram"
+
+
+def guest_ram_unmapped_kb(pid: int, proc: Path = PROC) -> int:
+    """kB of a restored guest's RAM memfd that are allocated but not mapped into QEMU.
+
+    A restore copies the snapshot's RAM into a memfd; PSS counts only the pages QEMU touched
+    since, but the rest uses host memory too, so it is added to the total."""
+    allocated = 0
+    seen: set[int] = set()
+    try:
+        for fd in (proc / str(pid) / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                if GUEST_RAM_MEMFD in os.readlink(fd):
+                    st = fd.stat()
+                    if st.st_ino not in seen:
+                        seen.add(st.st_ino)
+                        allocated += st.st_blocks * 512 // 1024
+        if not allocated:
+            return 0
+        mapped = 0
+        in_memfd = False
+        for line in (proc / str(pid) / "smaps").read_text().splitlines():
+            if line[:1].isalnum() and "-" in line.split(" ", 1)[0]:
+                in_memfd = GUEST_RAM_MEMFD in line
+            elif in_memfd and line.startswith("Rss:"):
+                mapped += int(line.split()[1])
+    except OSError:
+        return 0
+    return max(0, allocated - mapped)
 
 
 def components(pss: dict[str, int]) -> list[str]:

@@ -82,6 +82,7 @@ async def run_guest(debug: bool) -> None:
         while True:
             await ctl.wait_connected()
             await server.serve(ctl)
+            service.connection_ended()
 
     async def io_loop() -> None:
         while True:
@@ -128,6 +129,7 @@ async def run_host(args: argparse.Namespace) -> None:
     io = AsyncioByteStream(*await asyncio.open_connection(sock=io_sock, limit=1 << 22))
     io_task = asyncio.ensure_future(serve_io(holder, io))
     ctl_task = asyncio.ensure_future(serve_ctl(server, ctl))
+    ctl_task.add_done_callback(lambda _: service.connection_ended())
     shutdown = asyncio.ensure_future(service.shutdown_requested.wait())
     try:
         await asyncio.wait({ctl_task, shutdown}, return_when=asyncio.FIRST_COMPLETED)

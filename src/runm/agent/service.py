@@ -83,6 +83,7 @@ class AgentService:
         self.pid1 = pid1
         self.containers: dict[str, ManagedContainer] = {}
         self.shutdown_requested = asyncio.Event()
+        self.stopping = False  # Shutdown answered: power off once the connection has ended
 
     def register(self, server: Server) -> None:
         handlers: dict[str, tuple[type[Message], Callable[[Any, CallContext], Awaitable[Message]]]]
@@ -189,8 +190,17 @@ class AgentService:
         return api.Empty()
 
     async def shutdown(self, req: api.Empty, ctx: CallContext) -> api.Empty:
-        self.shutdown_requested.set()
+        """Flush every write to the host (virtiofs), answer, then power off. The host may
+        kill the VM as soon as it has the answer: nothing is left to lose by then."""
+        await asyncio.get_running_loop().run_in_executor(None, os.sync)
+        ctx.end_connection = True  # the answer goes out, then the serving loop sees `stopping`
+        self.stopping = True
         return api.Empty()
+
+    def connection_ended(self) -> None:
+        """The host's connection ended; after a Shutdown, that is the time to power off."""
+        if self.stopping:
+            self.shutdown_requested.set()
 
     # -- containers ------------------------------------------------------------------------
 

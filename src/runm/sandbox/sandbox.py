@@ -243,13 +243,17 @@ class Sandbox:
         self.vm = QemuVM(self.vm.config)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Power the guest off (agent first, QEMU quit as fallback) and remove every trace."""
+        """Stop the VM and remove every trace. Once the agent has answered Shutdown, every
+        write has reached the host and the VM is simply killed (a guest power-off under TCG
+        takes ~0.2 s); QMP quit, then SIGKILL, if the agent does not answer."""
         try:
             if self.agent is not None and not self.vm.exited():
-                with contextlib.suppress(Exception):
-                    await self.agent.shutdown(timeout=1.0)
-                with contextlib.suppress(TimeoutError, VMError):
-                    await asyncio.wait_for(self.vm.wait_exit(), timeout)
+                try:
+                    await self.agent.shutdown(timeout=5.0)
+                except Exception as err:  # no answer: let QEMU quit on its own terms
+                    log.debug("agent shutdown: %s", err)
+                else:
+                    self.vm.kill()
             await self.vm.stop(timeout)
         finally:
             self.vm.kill()
