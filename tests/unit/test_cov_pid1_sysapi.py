@@ -292,3 +292,19 @@ def test_zero_free_memory_leaves_the_margin(tmp_path: Path) -> None:
     assert sysapi.zero_free_memory(margin=48 << 20, meminfo=str(meminfo)) == 52 << 20
     meminfo.write_text("MemFree:   1024 kB\n")
     assert sysapi.zero_free_memory(meminfo=str(meminfo)) == 0
+
+
+def test_network_up_configures_the_nic_with_ip(tmp_path: Path) -> None:
+    """The commands pid1 runs (a fake `ip` records them); no NIC, nothing is run."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "ip"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n[ \"$1\" = route ] && exit 2\nexit 0\n")
+    fake.chmod(0o755)
+    sys_net = tmp_path / "net"
+    assert pid1.network_up(str(fake), sys_net) == ["no eth0"]
+    (sys_net / "eth0").mkdir(parents=True)
+    errors = pid1.network_up(str(fake), sys_net)
+    assert log.read_text().splitlines() == [
+        "addr add 10.0.2.15/24 dev eth0", "link set eth0 up", "route add default via 10.0.2.2"]
+    assert len(errors) == 1 and errors[0].startswith("ip route add default")
+    assert pid1.network_up(str(tmp_path / "no-ip"), sys_net)[0].startswith("ip addr add")

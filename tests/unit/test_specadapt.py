@@ -23,7 +23,8 @@ def test_host_only_settings_are_adapted_with_notes() -> None:
     }
     adapted, notes = adapt_spec(spec, "/b", "c1", exists=exists_only("/bin/true"))
     assert adapted["root"]["path"] == "/b/rootfs", "the copy lives outside the bundle"
-    assert adapted["linux"]["namespaces"] == [{"type": "pid"}, {"type": "network"}]
+    assert adapted["linux"]["namespaces"] == [{"type": "pid"}], \
+        "a host-prepared netns means the VM's network"
     assert adapted["linux"]["cgroupsPath"] == "/runm/c1"
     assert adapted["hooks"]["prestart"] == [{"path": "/bin/true"}]
     assert len(notes) == 3
@@ -49,3 +50,17 @@ def test_write_guest_bundle(tmp_path: Path) -> None:
     assert notes == []
     written = json.loads((tmp_path / "guest" / "config.json").read_text())
     assert written["root"]["path"] == str(bundle / "rootfs")
+
+
+def test_network_namespaces_in_the_vm() -> None:
+    """No path: runc's empty namespace (loopback only), unless ports are published."""
+    spec = {"root": {"path": "/r"},
+            "linux": {"namespaces": [{"type": "network"}, {"type": "uts"},
+                                     {"type": "ipc", "path": "/host/only/ipc"}]}}
+    adapted, notes = adapt_spec(spec, "/b", "c1", exists=exists_only())
+    assert adapted["linux"]["namespaces"] == [{"type": "network"}, {"type": "uts"},
+                                              {"type": "ipc"}]
+    assert len(notes) == 1
+    published, notes = adapt_spec(spec, "/b", "c1", exists=exists_only(), vm_network=True)
+    assert published["linux"]["namespaces"] == [{"type": "uts"}, {"type": "ipc"}]
+    assert any("ports are published" in n for n in notes)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from runm.agent import sysapi
+from runm.proto import network
 
 # (source, target, fstype, options) - after switch_root only /dev (devtmpfs) is mounted.
 MOUNTS = [
@@ -57,6 +60,28 @@ def setup_system() -> None:
     enable_cgroup_controllers(Path("/sys/fs/cgroup"))
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     _loopback_up()
+    network_up()
+
+
+def network_up(ip: str = "ip", sys_net: Path = Path("/sys/class/net")) -> list[str]:
+    """Configure the NIC for QEMU's user-mode network (static: no DHCP round trip at boot);
+    return the errors (logged; a VM without network still runs containers)."""
+    if not (sys_net / network.GUEST_INTERFACE).exists():
+        return [f"no {network.GUEST_INTERFACE}"]
+    errors = []
+    for args in (["addr", "add", network.GUEST_CIDR, "dev", network.GUEST_INTERFACE],
+                 ["link", "set", network.GUEST_INTERFACE, "up"],
+                 ["route", "add", "default", "via", network.GATEWAY]):
+        try:
+            result = subprocess.run([ip, *args], capture_output=True, check=False)
+        except OSError as err:
+            errors.append(f"ip {' '.join(args)}: {err}")
+            continue
+        if result.returncode != 0:
+            errors.append(f"ip {' '.join(args)}: {result.stderr.decode(errors='replace')}")
+    for error in errors:
+        print(f"runm-agent: network: {error}", file=sys.stderr)
+    return errors
 
 
 def enable_cgroup_controllers(root: Path) -> None:

@@ -228,7 +228,8 @@ class AgentService:
         pid_file = state_dir / "init.pid"
         proc = ManagedProcess(req.id, "")
         try:
-            notes = write_guest_bundle(req.bundle, req.id, state_dir / "bundle")
+            notes = write_guest_bundle(req.bundle, req.id, state_dir / "bundle",
+                                       vm_network=req.vm_network)
         except (OSError, ValueError) as err:
             remove_tree(state_dir)
             raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the bundle's config.json: {err}"

@@ -15,8 +15,15 @@ from typing import Any
 
 
 def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
-               exists: Any = os.path.exists) -> tuple[dict[str, Any], list[str]]:
-    """Return (the spec for the guest's runc, human-readable notes on what was changed)."""
+               exists: Any = os.path.exists, vm_network: bool = False
+               ) -> tuple[dict[str, Any], list[str]]:
+    """Return (the spec for the guest's runc, human-readable notes on what was changed).
+
+    The VM is the container's network sandbox: a network namespace the caller prepared on the
+    host (a path that exists only there) means "give it a network", so the container uses the
+    VM's; so does vm_network (ports published). A new namespace without a path stays what runc
+    makes of it: loopback only.
+    """
     out = copy.deepcopy(spec)
     notes: list[str] = []
     root = out.setdefault("root", {})
@@ -24,12 +31,22 @@ def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
     if not os.path.isabs(root_path):
         root["path"] = os.path.join(bundle, root_path)  # the copy lives outside the bundle
     linux = out.get("linux") or {}
+    kept_namespaces = []
     for ns in linux.get("namespaces") or []:
         path = ns.get("path")
-        if path and not exists(path):
+        host_only = bool(path) and not exists(path)
+        if ns.get("type") == "network" and (host_only or vm_network):
+            notes.append(f"network namespace{f' {path}' if path else ''}: the container "
+                         "uses the VM's network" + (" (ports are published)" if vm_network
+                                                     and not host_only else ""))
+            continue
+        if host_only:
             del ns["path"]
             notes.append(f"{ns.get('type')} namespace: {path} exists only on the host; "
                          "the container gets a new one in the VM")
+        kept_namespaces.append(ns)
+    if "namespaces" in linux:
+        linux["namespaces"] = kept_namespaces
     cgroups_path = linux.get("cgroupsPath")
     if isinstance(cgroups_path, str) and ":" in cgroups_path:
         linux["cgroupsPath"] = f"/runm/{container_id}"
@@ -48,13 +65,14 @@ def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
     return out, notes
 
 
-def write_guest_bundle(bundle: str, container_id: str, guest_dir: Path) -> list[str]:
+def write_guest_bundle(bundle: str, container_id: str, guest_dir: Path,
+                       vm_network: bool = False) -> list[str]:
     """Write the adapted spec into guest_dir/config.json; return the notes."""
     import json
 
     with open(Path(bundle) / "config.json") as f:
         spec = json.load(f)
-    adapted, notes = adapt_spec(spec, bundle, container_id)
+    adapted, notes = adapt_spec(spec, bundle, container_id, vm_network=vm_network)
     guest_dir.mkdir(parents=True, exist_ok=True)
     (guest_dir / "config.json").write_text(json.dumps(adapted))
     return notes

@@ -76,12 +76,14 @@ def _prepare_snapshot(image: object, progress: Progress) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from runm.guest.image import GuestImage
+    from runm.net.ports import resolve_publish
     from runm.sandbox.bundle import load_bundle, validate_id
     from runm.sandbox.run import RunOptions, run_container
     from runm.sandbox.state import StateStore
 
     validate_id(args.id)
     bundle = load_bundle(args.bundle)
+    publish = resolve_publish(args.publish, bundle.annotations)
     image = ensure_guest_image()
     assert isinstance(image, GuestImage)
     if args.detach:
@@ -90,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         store = StateStore(args.root)
         create(CreateOptions(container_id=args.id, bundle=bundle, store=store, image=image,
                              pid_file=args.pid_file, console_socket=args.console_socket,
-                             no_pivot=args.no_pivot))
+                             no_pivot=args.no_pivot, publish=publish))
         try:
             Container(store, args.id).start()
         except RunmError:
@@ -99,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     opts = RunOptions(container_id=args.id, bundle=bundle, store=StateStore(args.root),
                       image=image, keep=args.keep, no_pivot=args.no_pivot,
-                      pid_file=args.pid_file)
+                      pid_file=args.pid_file, publish=publish)
     return asyncio.run(run_container(opts))
 
 
@@ -272,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "`runm delete`)")
     run.add_argument("--pid-file", metavar="PATH", help="write the process id to PATH")
     run.add_argument("--no-subreaper", action="store_true", help="accepted; no effect")
+    verbs.add_publish_flag(run)
     run.add_argument("--no-pivot", action="store_true",
                      help="do not use pivot_root in the guest (passed to the guest's runc)")
     run.add_argument("--no-new-keyring", action="store_true", help="accepted; no effect")

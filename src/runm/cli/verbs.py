@@ -43,15 +43,17 @@ def _container(args: argparse.Namespace) -> Any:
 def cmd_create(args: argparse.Namespace) -> int:
     from runm.cli.main import ensure_guest_image
     from runm.guest.image import GuestImage
+    from runm.net.ports import resolve_publish
     from runm.sandbox.bundle import load_bundle
     from runm.sandbox.detached import CreateOptions, create
 
     bundle = load_bundle(args.bundle)
+    publish = resolve_publish(args.publish, bundle.annotations)
     image = ensure_guest_image()
     assert isinstance(image, GuestImage)
     create(CreateOptions(container_id=args.id, bundle=bundle, store=_store(args), image=image,
                          pid_file=args.pid_file, console_socket=args.console_socket,
-                         no_pivot=args.no_pivot))
+                         no_pivot=args.no_pivot, publish=publish))
     return 0
 
 
@@ -158,6 +160,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
                               console_socket=args.console_socket))
 
 
+def add_publish_flag(parser: argparse.ArgumentParser) -> None:
+    """runm's one flag beyond runc's (also settable as the io.runm.publish annotation)."""
+    parser.add_argument(
+        "-p", "--publish", action="append", default=[], metavar="[IP:]HOSTPORT:PORT[/PROTO]",
+        help="forward a host port to the container's port (tcp or udp; IP defaults to "
+             "0.0.0.0); repeatable. The container then uses the VM's network. Same as the "
+             "annotation io.runm.publish=LIST (comma-separated), for callers that cannot "
+             "pass flags")
+
+
 def add_verbs(sub: Any) -> None:
     """Register the detached-container verbs on the `runm` argument parser."""
     def id_arg(p: argparse.ArgumentParser) -> None:
@@ -176,6 +188,7 @@ def add_verbs(sub: Any) -> None:
                         help="unix socket that receives the pty master (terminal: true)")
     create.add_argument("--pid-file", metavar="PATH", help="write the stand-in's pid to PATH")
     create.add_argument("--no-pivot", action="store_true", help="no pivot_root in the guest")
+    add_publish_flag(create)
     create.add_argument("--no-new-keyring", action="store_true", help="accepted; no effect")
     create.add_argument("--preserve-fds", type=int, default=0, help="accepted; not supported")
     create.set_defaults(func=cmd_create)

@@ -65,6 +65,9 @@ class CreateContainerRequest(Message):
     bundle: str = pfield(2, "string")
     stdio: Stdio | None = pfield(3, "message", message=Stdio)
     no_pivot: bool = pfield(4, "bool")
+    # The container joins the VM's network (its NIC, published ports) even if the spec asks
+    # for a new, empty network namespace.
+    vm_network: bool = pfield(5, "bool")
 
 
 @dataclass

@@ -33,8 +33,8 @@ class AgentClient:
                          api.Empty)
 
     async def create_container(self, container_id: str, bundle: str, stdio: api.Stdio,
-                               *, no_pivot: bool = False) -> int:
-        req = api.CreateContainerRequest(container_id, bundle, stdio, no_pivot)
+                               *, no_pivot: bool = False, vm_network: bool = False) -> int:
+        req = api.CreateContainerRequest(container_id, bundle, stdio, no_pivot, vm_network)
         resp = await self._call("CreateContainer", req, api.CreateContainerResponse)
         for note in resp.notes:
             log.info("adapted the spec of %s for the VM: %s", container_id, note)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import tty
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ from runm.sandbox.standin import stand_in
 from runm.sandbox.state import ContainerRecord, StateStore
 from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import Client, TtrpcError
+from runm.vm.base import PortForward
 
 M = TypeVar("M", bound=Message)
 MONITOR_EXIT_TIMEOUT = 30.0
@@ -85,6 +86,7 @@ class CreateOptions:
     pid_file: str | None = None
     console_socket: str | None = None
     no_pivot: bool = False
+    publish: list[PortForward] = field(default_factory=list)
 
 
 def create(opts: CreateOptions) -> ContainerRecord:
@@ -103,7 +105,8 @@ def create(opts: CreateOptions) -> ContainerRecord:
         container_id=cid, root=str(store.root), bundle=str(bundle.path), run_dir=str(run_dir),
         kernel=str(opts.image.kernel), initrd=str(opts.image.initrd),
         rootfs=str(opts.image.rootfs), digest=opts.image.digest,
-        kernel_release=opts.image.kernel_release, terminal=terminal, no_pivot=opts.no_pivot)
+        kernel_release=opts.image.kernel_release, terminal=terminal, no_pivot=opts.no_pivot,
+        publish=[str(p) for p in opts.publish])
     config_path = state_dir / "monitor.json"
     config.save(config_path)
     stdio: list[int] = []

@@ -29,6 +29,7 @@ from typing import Any
 
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
+from runm.net.ports import parse_publish
 from runm.proto import agent as api
 from runm.sandbox import hoststdio
 from runm.sandbox.bundle import load_bundle
@@ -55,6 +56,7 @@ class MonitorConfig:
     kernel_release: str
     terminal: bool = False
     no_pivot: bool = False
+    publish: list[str] = field(default_factory=list)  # PortForward texts
 
     def image(self) -> GuestImage:
         return GuestImage(Path(self.kernel), Path(self.initrd), Path(self.rootfs), self.digest,
@@ -192,14 +194,16 @@ class Monitor:
     async def boot_and_create(self) -> None:
         bundle = load_bundle(self.config.bundle)
         self.sandbox = Sandbox.create(self.cid, self.config.image(), self.run_dir,
-                                      bundle_shares(bundle))
+                                      bundle_shares(bundle),
+                                      publish=[parse_publish(p) for p in self.config.publish])
         await self.sandbox.boot()
         init = self.processes[""]
         wanted = [True, True, not self.config.terminal]
         stdio = self._wire(init, self.stdio_fds, wanted, self.config.terminal)
         try:
             init.guest_pid = await self.agent.create_container(
-                self.cid, self.config.bundle, stdio, no_pivot=self.config.no_pivot)
+                self.cid, self.config.bundle, stdio, no_pivot=self.config.no_pivot,
+                vm_network=self.sandbox.vm_network)
         except TtrpcError as err:
             raise RunmError(err.message) from None
         self._spawn(self._watch_process(init))

@@ -44,6 +44,7 @@ MEMBER_FILE = "pool.json"
 CLAIM_SOCKET = "pool.sock"
 SIZE_FILE = "pool-size"
 CLAIM_TIMEOUT = 5.0
+WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
 # Keepers (and so their QEMU) prepare VMs at this niceness: refilling the pool must not slow
 # down the start that just took a member. A taken VM gets normal priority back.
 BACKGROUND_NICE = 10
@@ -188,7 +189,7 @@ class Keeper:
         try:
             await sandbox.start_restored(snapshot, stdio=False)
             assert sandbox.agent is not None
-            await sandbox.agent.warm_up(timeout=300)
+            await sandbox.agent.warm_up(timeout=WARM_UP_TIMEOUT)
             await sandbox.detach()
         except Exception as err:
             log.error("preparing the pooled VM failed: %s", err)

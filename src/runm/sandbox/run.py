@@ -20,7 +20,7 @@ from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
 from runm.sandbox.state import ContainerRecord, StateStore
 from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import TtrpcError
-from runm.vm.base import Share
+from runm.vm.base import PortForward, Share
 
 log = logging.getLogger("runm.run")
 
@@ -42,6 +42,7 @@ class RunOptions:
     stdout: int = 1
     stderr: int = 2
     timings: Timings = field(default_factory=Timings)
+    publish: list[PortForward] = field(default_factory=list)
 
 
 def bundle_shares(bundle: Bundle) -> list[Share]:
@@ -66,7 +67,8 @@ async def run_container(opts: RunOptions) -> int:
     opts.store.create(record)
     run_dir = vm_run_dir(opts.store.root, cid)
     record.vm = {"run_dir": str(run_dir), "foreground_pid": os.getpid()}
-    sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle))
+    sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle),
+                             publish=opts.publish)
     loop = asyncio.get_running_loop()
     interrupted: list[int] = []
     started = asyncio.Event()
@@ -101,7 +103,8 @@ async def run_container(opts: RunOptions) -> int:
         stdio = api.Stdio(stdin=STDIN_STREAM, stdout=STDOUT_STREAM,
                           stderr=0 if terminal else STDERR_STREAM, terminal=terminal)
         try:
-            await agent.create_container(cid, str(bundle.path), stdio, no_pivot=opts.no_pivot)
+            await agent.create_container(cid, str(bundle.path), stdio, no_pivot=opts.no_pivot,
+                                         vm_network=sandbox.vm_network)
         except TtrpcError as err:
             raise RunmError(err.message) from None
         opts.timings.mark("runc_create")

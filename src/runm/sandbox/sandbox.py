@@ -19,7 +19,15 @@ from runm.sandbox.agent_client import AgentClient
 from runm.sandbox.snapshot import discard_snapshot, ensure_snapshot, snapshots_enabled
 from runm.ttrpc import Client, TtrpcError
 from runm.vm.accel import choose_accelerator
-from runm.vm.base import CTL_PORT, IO_PORT, Share, SnapshotFiles, VMConfig, VMError
+from runm.vm.base import (
+    CTL_PORT,
+    IO_PORT,
+    PortForward,
+    Share,
+    SnapshotFiles,
+    VMConfig,
+    VMError,
+)
 from runm.vm.qemu import HOTPLUG_ROOT_PORTS, QemuVM
 
 log = logging.getLogger("runm.sandbox")
@@ -123,10 +131,11 @@ class Sandbox:
 
     @classmethod
     def create(cls, name: str, image: GuestImage, run_dir: Path, shares: list[Share],
-               memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = DEFAULT_CPUS) -> Sandbox:
+               memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = DEFAULT_CPUS,
+               publish: list[PortForward] | None = None) -> Sandbox:
         config = VMConfig(name=name, kernel=image.kernel, initrd=image.initrd,
                           rootfs=image.rootfs, run_dir=run_dir, memory_mib=memory_mib,
-                          cpus=cpus, shares=shares)
+                          cpus=cpus, shares=shares, publish=list(publish or []))
         return cls(QemuVM(config), shares, image)
 
     async def boot(self, timings: Timings | None = None) -> None:
@@ -259,6 +268,11 @@ class Sandbox:
             self.vm.kill()
             await self._close_channels()
             self.vm.remove_run_dir()
+
+    @property
+    def vm_network(self) -> bool:
+        """Ports are published: the container must use the VM's network namespace."""
+        return bool(self.vm.config.publish)
 
     async def detach(self) -> None:
         """End this host's connections (the agent's first), leaving the VM paused for another

@@ -25,6 +25,19 @@ class Share:
 
 
 @dataclass(frozen=True)
+class PortForward:
+    """A host port forwarded to the guest's (and so the container's) port."""
+
+    protocol: str  # "tcp" or "udp"
+    host_ip: str
+    host_port: int
+    guest_port: int
+
+    def __str__(self) -> str:
+        return f"{self.host_ip}:{self.host_port}:{self.guest_port}/{self.protocol}"
+
+
+@dataclass(frozen=True)
 class SnapshotFiles:
     """A saved guest: its RAM as a (sparse) file and QEMU's device state without RAM."""
 
@@ -49,6 +62,7 @@ class VMConfig:
     memory_file: Path | None = None
     # Start from this snapshot instead of booting (RAM from a private copy of its file).
     restore: SnapshotFiles | None = None
+    publish: list[PortForward] = field(default_factory=list)
 
 
 class VirtualMachine(abc.ABC):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from runm.proto import network
 from runm.vm.accel import choose_accelerator
 from runm.vm.base import Share, SnapshotFiles, VirtualMachine, VMConfig, VMError
 
@@ -40,6 +42,7 @@ FAST_KERNEL_ARGS = [
 # PCIe root ports reserved at boot so a restored snapshot can take this many virtiofs shares.
 HOTPLUG_ROOT_PORTS = 8
 MIGRATION_TIMEOUT = 30.0
+GUEST_NETWORK = str(ipaddress.ip_network(network.GUEST_CIDR, strict=False))
 _ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
 
 
@@ -171,6 +174,11 @@ class QemuVM(VirtualMachine):
             "-drive", f"file={c.rootfs},format=raw,if=none,id=root0,readonly=on",
             "-device", "virtio-blk-pci,drive=root0,id=rootdisk",
             "-device", "virtio-rng-pci",
+            # User-mode networking (slirp, in QEMU's process): NAT to the host, DNS through
+            # the host's resolver, ports published with hostfwd_add at run time.
+            "-netdev", f"user,id=net0,net={GUEST_NETWORK},host={network.GATEWAY},"
+                       f"dns={network.DNS},ipv6=off",
+            "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile=",
             "-device", "virtio-serial-pci,id=vs0",
         ]
         if accel.startswith("kvm"):
@@ -224,15 +232,16 @@ class QemuVM(VirtualMachine):
                 os.close(ram_fd)  # QEMU has its own reference now
         self._exit = _watch_exit(self._qemu)
         log.debug("qemu pid=%d accel=%s", self._qemu.pid, self.accel)
-        if c.restore is not None:
-            try:
+        try:
+            if c.restore is not None:
                 await self._restore(c.restore)
                 for i, share in enumerate(c.shares):
                     await self._hotplug_share(i, share)
-            except BaseException:
-                await self.close_qmp()
-                self.kill()
-                raise
+            await self._forward_ports()
+        except BaseException:
+            await self.close_qmp()
+            self.kill()
+            raise
 
     async def attach(self, qemu_pid: int) -> None:
         """Take over a paused, restored QEMU another process started in our run dir (a pool
@@ -246,6 +255,7 @@ class QemuVM(VirtualMachine):
             await self.qmp("cont")
             for i, share in enumerate(self.config.shares):
                 await self._hotplug_share(i, share)
+            await self._forward_ports()
         except BaseException:
             await self.close_qmp()
             self.kill()
@@ -265,6 +275,15 @@ class QemuVM(VirtualMachine):
                                         self.run_dir / f"virtiofsd{index}.log"))
         finally:
             sock.close()
+
+    async def _forward_ports(self) -> None:
+        for forward in self.config.publish:
+            rule = (f"{forward.protocol}:{forward.host_ip}:{forward.host_port}"
+                    f"-:{forward.guest_port}")
+            out = await self.qmp("human-monitor-command",
+                                 **{"command-line": f"hostfwd_add net0 {rule}"})
+            if isinstance(out, str) and out.strip():
+                raise VMError(f"publishing {forward}: {out.strip()}")
 
     async def _hotplug_share(self, index: int, share: Share) -> None:
         """Attach a virtiofs share to a running guest (into a reserved root port)."""

@@ -1,0 +1,141 @@
+"""Networking: published ports reach a server in the container, the container reaches the
+host through the gateway address, and a container without a network has loopback only."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runm.proto.network import GATEWAY
+from runm.sandbox.spec import make_busybox_bundle
+from tests.conftest import Runm, wait_until
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
+
+HTTPD = ("mkdir -p /tmp/www && echo hello from httpd > /tmp/www/index.html && "
+         "exec httpd -f -p 80 -h /tmp/www")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def httpd_bundle(tmp_path: Path, annotations: dict[str, str] | None = None) -> Path:
+    b = make_busybox_bundle(tmp_path / "httpd", ["sh", "-c", HTTPD])
+    config = json.loads((b / "config.json").read_text())
+    config["root"]["readonly"] = False
+    if annotations:
+        config["annotations"] = annotations
+    (b / "config.json").write_text(json.dumps(config))
+    return b
+
+
+def fetch(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bytes(response.read())
+    except OSError:
+        return None
+
+
+def test_published_port_reaches_httpd_in_the_container(runm: Runm, tmp_path: Path) -> None:
+    port = free_port()
+    result = runm.run_detached("run", "-d", "-p", f"127.0.0.1:{port}:80",
+                               "-b", str(httpd_bundle(tmp_path)), "web")
+    assert result.returncode == 0, result.stderr.decode()
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        assert wait_until(lambda: fetch(url) is not None, timeout=60), "httpd never answered"
+        assert fetch(url) == b"hello from httpd\n"
+    finally:
+        runm.run("delete", "-f", "web")
+    assert fetch(f"http://127.0.0.1:{port}/") is None, "the port must be closed with the VM"
+
+
+def test_publish_annotation_for_callers_without_flags(runm: Runm, tmp_path: Path) -> None:
+    port = free_port()
+    b = httpd_bundle(tmp_path, {"io.runm.publish": f"127.0.0.1:{port}:80/tcp"})
+    result = runm.run_detached("create", "-b", str(b), "web2")
+    assert result.returncode == 0, result.stderr.decode()
+    try:
+        assert runm.run("start", "web2").returncode == 0
+        url = f"http://127.0.0.1:{port}/"
+        assert wait_until(lambda: fetch(url) is not None, timeout=60), "httpd never answered"
+        assert fetch(url) == b"hello from httpd\n"
+    finally:
+        runm.run("delete", "-f", "web2")
+
+
+def test_a_taken_host_port_is_a_clear_error_before_any_vm(runm: Runm, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runm.run("run", "-p", f"127.0.0.1:{port}:80", "-b",
+                          str(httpd_bundle(tmp_path)), "busy")
+    assert result.returncode == 1
+    assert f"cannot bind 127.0.0.1:{port}/tcp: address already in use".encode() in result.stderr
+    assert not (runm.root / "busy").exists()
+    assert not (tmp_path / "vm").exists() or not any((tmp_path / "vm").iterdir())
+
+
+@pytest.mark.parametrize("bad", ["80", "x:80", "1:2:3:4", "127.0.0.1:0:80", "8080:80/sctp",
+                                 "::1:8080:80"])
+def test_bad_publish_values_are_rejected(runm: Runm, tmp_path: Path, bad: str) -> None:
+    result = runm.run("run", "-p", bad, "-b", str(httpd_bundle(tmp_path)), "bad")
+    assert result.returncode == 1
+    assert b"invalid publish" in result.stderr or b"only IPv4" in result.stderr
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello from the host\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_container_reaches_the_hosts_loopback_through_the_gateway(
+        runm: Runm, tmp_path: Path, host_server: int) -> None:
+    b = make_busybox_bundle(tmp_path / "b", [
+        "wget", "-q", "-O", "-", f"http://{GATEWAY}:{host_server}/"])
+    config = json.loads((b / "config.json").read_text())
+    # a network namespace the caller prepared on the host: "give it a network"
+    for ns in config["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = "/var/run/netns/made-by-the-caller"
+    (b / "config.json").write_text(json.dumps(config))
+    result = runm.run("run", "-b", str(b), "client")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"hello from the host\n"
+
+
+def test_a_new_empty_network_namespace_has_loopback_only(runm: Runm, tmp_path: Path) -> None:
+    b = make_busybox_bundle(tmp_path / "b", ["ls", "/sys/class/net"])
+    result = runm.run("run", "-b", str(b), "none")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.split() == [b"lo"]
