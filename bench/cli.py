@@ -22,6 +22,7 @@ from bench.figures import (
     exec_latency,
     fs_read,
     memory_and_density,
+    net,
     not_measured,
     stderr_log,
     stdio,
@@ -211,6 +212,8 @@ def _main(args: argparse.Namespace, work: Path) -> int:
             figures.append(exec_latency(harness, cfg, log))
         if "fs" in want and exec_possible:
             figures.append(fs_read(harness, cfg, log))
+        if "net" in want:
+            figures.append(net(harness, cfg, log))
     except KeyboardInterrupt:
         interrupted = True
         log("bench: interrupted; cleaning up and reporting what was measured")

@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.harness import Harness, RunResult
+from bench.harness import Harness, RunResult, stop_process
 from bench.model import Figure, Line
 from bench.procs import components, tree_cpu_seconds, tree_pss
 from bench.stats import Kind, fmt_value, median_phases, sig, slowest
 
 Log = Callable[[str], None]
-FIGURES = ("cold", "stdio", "memory", "density", "exec", "fs")
+FIGURES = ("cold", "stdio", "memory", "density", "exec", "fs", "net")
 IDLE_SCRIPT = "trap 'exit 0' TERM; echo ready; sleep 3600 & wait"
 
 
@@ -436,9 +436,9 @@ def write_random(path: os.PathLike[str] | str, nbytes: int) -> None:
 
 def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     size = cfg.size_mib << 20
-    fig = Figure("fs", f"Rootfs read throughput: `dd if=FILE of=/dev/null bs=1M` of a "
-                       f"{cfg.size_mib} MiB random file on the container's rootfs, via `exec`, "
-                       "wall clock from spawn to exit")
+    fig = Figure("fs", f"Shared-directory throughput (the rootfs; bind mounts are shared the "
+                       f"same way): `dd` of {cfg.size_mib} MiB via `exec`, wall clock from "
+                       "spawn to exit")
     for c in ("cold", "warm"):
         what = ("first read, host page cache of the file dropped" if c == "cold"
                 else "second read of the same file")
@@ -448,6 +448,11 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         fig.measure(f"{c}_net", f"{c}: runm exec minus this round's `runm exec true` (the "
                                 "fixed exec overhead)", Kind.RATE)
         fig.lines.append(Line(f"{c}_runm", [f"{c}_runc", f"{c}_host"], [f"{c}_net"]))
+    fig.measure("write_runm", "write (dd if=/dev/zero of=FILE bs=1M conv=fsync, a new file "
+                              "each round): runm exec (virtiofs in the VM)", Kind.RATE)
+    fig.measure("write_runc", "write: native runc exec", Kind.RATE, short="native runc exec")
+    fig.measure("write_host", "write: host dd", Kind.RATE, short="host dd")
+    fig.lines.append(Line("write_runm", ["write_runc", "write_host"]))
     true_runm = fig.measure("true_runm", "runm exec true (fixed overhead, as in figure 5)",
                             Kind.TIME)
     true_runc = fig.measure("true_runc", "native runc exec true", Kind.TIME)
@@ -471,8 +476,9 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                  "runc": (h.runc_cli("exec", nid), native.ok)}
 
         def run(who: str, argv: list[str]) -> RunResult:
-            if who == "host":  # argv: dd if=/NAME ...; on the host: the rootfs's NAME
-                return h.timed(["dd", f"if={rootfs / argv[1][4:]}", *argv[2:]],
+            if who == "host":  # argv: dd if=/NAME or of=/NAME ...; on the host: in the rootfs
+                key, _, path = argv[1].partition("=/")
+                return h.timed(["dd", f"{key}={rootfs / path}", *argv[2:]],
                                h.new_id("fs-host"))
             prefix, ok = argvs[who]
             return h.timed([*prefix, *argv], h.new_id(f"fs-{who}-x")) if ok else skipped
@@ -484,6 +490,13 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                 drop_host_cache(rootfs / name)
                 got[f"cold_{who}"] = run(who, dd)
                 got[f"warm_{who}"] = run(who, dd)
+                written = f"w-{who}-{name}"
+                got[f"write_{who}"] = run(who, ["dd", "if=/dev/zero", f"of=/{written}", "bs=1M",
+                                                f"count={cfg.size_mib}", "conv=fsync"])
+                if (rootfs / written).exists() and (rootfs / written).stat().st_size != size:
+                    got[f"write_{who}"].error = "the written file has the wrong size on the host"
+                with contextlib.suppress(OSError):
+                    (rootfs / written).unlink()
             t_runm = run("runm", ["true"])
             t_runc = run("runc", ["true"])
             log(f"[fs {tag}] " + " | ".join(
@@ -516,6 +529,88 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                      "agent round trip, dd in the guest reading over virtiofs); the `true` "
                      "rows are the same exec doing nothing")
     fig.notes.append("9p: not available: Debian's cloud kernel has no 9p")
+    return fig
+
+
+# -- 7. HTTP through a published port -------------------------------------------------------
+
+HTTP_REQUESTS = 200
+HTTPD_SCRIPT = ("mkdir -p /tmp/www && head -c 1024 /dev/zero > /tmp/www/index.html && "
+                "exec httpd -f -p {port} -h /tmp/www")
+
+
+def http_rate(port: int, requests: int, ready_timeout: float) -> RunResult:
+    """Sequential GETs of a 1 KiB page, a new connection each (busybox httpd closes them):
+    requests/s in `wall`'s place (extra["seconds"] is the time they took)."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/index.html"
+    deadline = time.monotonic() + ready_timeout
+    while True:  # the server's readiness: its first answer
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                response.read()
+            break
+        except OSError as err:
+            if time.monotonic() > deadline:
+                return RunResult(error=f"no answer on port {port}: {err}")
+            time.sleep(0.1)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(requests):
+            with urllib.request.urlopen(url, timeout=30) as response:
+                if len(response.read()) != 1024:
+                    return RunResult(error="short reply")
+    except OSError as err:
+        return RunResult(error=f"request failed: {err}")
+    seconds = time.perf_counter() - t0
+    return RunResult(wall=requests / seconds, extra={"seconds": seconds})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def net(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
+    fig = Figure("net", f"HTTP through a published port: {HTTP_REQUESTS} sequential GETs of a "
+                        "1 KiB page from busybox httpd, a new connection each")
+    runm = fig.measure("runm", "runm: httpd in a container, `-p 127.0.0.1:PORT:80` (QEMU "
+                               "user-mode network)", Kind.REQUESTS)
+    native = fig.measure("native", "native: the same busybox httpd on the host",
+                         Kind.REQUESTS, short="native httpd")
+    fig.lines.append(Line("runm", ["native"]))
+    rport, nport = free_port(), free_port()
+    bundle = h.bundle("httpd", ["sh", "-c", HTTPD_SCRIPT.format(port=80)])
+    rid = h.new_id("httpd")
+    h.track(runm_id=rid)
+    server = None
+    try:
+        started = h.timed(h.runm_cli("run", "-d", "-p", f"127.0.0.1:{rport}:80",
+                                     "--bundle", str(bundle), rid), rid)
+        www = h.work / "www"
+        www.mkdir(exist_ok=True)
+        (www / "index.html").write_bytes(bytes(1024))
+        server = h.spawn(["busybox", "httpd", "-f", "-p", f"127.0.0.1:{nport}", "-h", str(www)],
+                         h.new_id("httpd-native"))
+        for counted, tag in cfg.rounds():
+            r = http_rate(rport, HTTP_REQUESTS, 120) if started.ok else \
+                RunResult(error=f"run -d failed: {started.error}")
+            n = http_rate(nport, HTTP_REQUESTS, 30)
+            log(f"[net {tag}] runm {_brief(r, f'{sig(r.wall)} req/s')} | native "
+                f"{_brief(n, f'{sig(n.wall)} req/s')}")
+            if counted:
+                runm.add(r.wall if r.ok else None, r.error)
+                native.add(n.wall if n.ok else None, n.error)
+    finally:
+        if server is not None:
+            stop_process(server)
+        h.timed(h.runm_cli("delete", "--force", rid), h.new_id("httpd-delete"))
+    fig.notes.append("client: Python urllib in the bench process, one request at a time; the "
+                     "container is started with `run -d` once for all rounds")
     return fig
 
 

@@ -17,10 +17,11 @@ class Kind(enum.Enum):
     RATE = "MB/s"  # 10^6 bytes per second, higher is better
     MEMORY = "MiB"  # mebibytes, lower is better
     PERCENT = "%"  # e.g. CPU use as % of one core, lower is better
+    REQUESTS = "req/s"  # requests per second, higher is better
 
     @property
     def higher_is_better(self) -> bool:
-        return self is Kind.RATE
+        return self in (Kind.RATE, Kind.REQUESTS)
 
 
 @dataclass(frozen=True)
