@@ -448,15 +448,18 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         fig.measure(f"{c}_net", f"{c}: runm exec minus this round's `runm exec true` (the "
                                 "fixed exec overhead)", Kind.RATE)
         fig.lines.append(Line(f"{c}_runm", [f"{c}_runc", f"{c}_host"], [f"{c}_net"]))
-    fig.measure("write_runm", "write (dd if=/dev/zero of=FILE bs=1M conv=fsync, a new file "
-                              "each round): runm exec (virtiofs in the VM)", Kind.RATE)
+    fig.measure("write_runm", "write to a bind mount (dd if=/dev/zero of=/data/FILE bs=1M "
+                              "conv=fsync, a new file each round): runm exec (virtiofs in the "
+                              "VM)", Kind.RATE)
     fig.measure("write_runc", "write: native runc exec", Kind.RATE, short="native runc exec")
     fig.measure("write_host", "write: host dd", Kind.RATE, short="host dd")
     fig.lines.append(Line("write_runm", ["write_runc", "write_host"]))
     true_runm = fig.measure("true_runm", "runm exec true (fixed overhead, as in figure 5)",
                             Kind.TIME)
     true_runc = fig.measure("true_runc", "native runc exec true", Kind.TIME)
-    bundle = h.bundle(f"fs-{size}", ["sleep", "3600"])
+    data = h.work / "fs-data"
+    data.mkdir(exist_ok=True)
+    bundle = h.bundle(f"fs-{size}", ["sleep", "3600"], binds={"/data": data})
     rootfs = bundle / "rootfs"
     rounds = cfg.rounds()
     # one fresh file per round: the guest's page cache of earlier rounds' files stays
@@ -476,12 +479,18 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                  "runc": (h.runc_cli("exec", nid), native.ok)}
 
         def run(who: str, argv: list[str]) -> RunResult:
-            if who == "host":  # argv: dd if=/NAME or of=/NAME ...; on the host: in the rootfs
-                key, _, path = argv[1].partition("=/")
-                return h.timed(["dd", f"{key}={rootfs / path}", *argv[2:]],
-                               h.new_id("fs-host"))
+            if who == "host":  # dd if=/NAME or dd if=/dev/zero of=/data/NAME: the host paths
+                return h.timed(["dd", *(host_path(a) for a in argv[1:])], h.new_id("fs-host"))
             prefix, ok = argvs[who]
             return h.timed([*prefix, *argv], h.new_id(f"fs-{who}-x")) if ok else skipped
+
+        def host_path(arg: str) -> str:
+            key, sep, path = arg.partition("=/")
+            if not sep or path.startswith("dev/"):
+                return arg
+            if path.startswith("data/"):
+                return f"{key}={data / path[5:]}"
+            return f"{key}={rootfs / path}"
 
         for (counted, tag), name in zip(rounds, names, strict=True):
             dd = ["dd", f"if=/{name}", "of=/dev/null", "bs=1M"]
@@ -491,12 +500,12 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                 got[f"cold_{who}"] = run(who, dd)
                 got[f"warm_{who}"] = run(who, dd)
                 written = f"w-{who}-{name}"
-                got[f"write_{who}"] = run(who, ["dd", "if=/dev/zero", f"of=/{written}", "bs=1M",
-                                                f"count={cfg.size_mib}", "conv=fsync"])
-                if (rootfs / written).exists() and (rootfs / written).stat().st_size != size:
+                got[f"write_{who}"] = run(who, ["dd", "if=/dev/zero", f"of=/data/{written}",
+                                                "bs=1M", f"count={cfg.size_mib}", "conv=fsync"])
+                if got[f"write_{who}"].ok and (data / written).stat().st_size != size:
                     got[f"write_{who}"].error = "the written file has the wrong size on the host"
                 with contextlib.suppress(OSError):
-                    (rootfs / written).unlink()
+                    (data / written).unlink()
             t_runm = run("runm", ["true"])
             t_runc = run("runc", ["true"])
             log(f"[fs {tag}] " + " | ".join(
@@ -584,7 +593,7 @@ def net(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                          Kind.REQUESTS, short="native httpd")
     fig.lines.append(Line("runm", ["native"]))
     rport, nport = free_port(), free_port()
-    bundle = h.bundle("httpd", ["sh", "-c", HTTPD_SCRIPT.format(port=80)])
+    bundle = h.bundle("httpd", ["sh", "-c", HTTPD_SCRIPT.format(port=80)], writable=True)
     rid = h.new_id("httpd")
     h.track(runm_id=rid)
     server = None

@@ -75,12 +75,21 @@ class Harness:
         self._seq += 1
         return f"bench-{prefix}-{os.getpid()}-{self._seq}"
 
-    def bundle(self, name: str, args: list[str]) -> Path:
-        """A busybox bundle running args (built once per name)."""
+    def bundle(self, name: str, args: list[str], *, writable: bool = False,
+               binds: dict[str, Path] | None = None) -> Path:
+        """A busybox bundle running args (built once per name); writable: a read-write
+        rootfs; binds: container path -> host directory, bind-mounted read-write."""
         from runm.sandbox.spec import make_busybox_bundle
 
         if name not in self._bundles:
-            self._bundles[name] = make_busybox_bundle(self.work / "bundles" / name, args)
+            path = make_busybox_bundle(self.work / "bundles" / name, args)
+            config = json.loads((path / "config.json").read_text())
+            config["root"]["readonly"] = not writable
+            for target, source in (binds or {}).items():
+                config["mounts"].append({"destination": target, "type": "bind",
+                                         "source": str(source), "options": ["rbind", "rw"]})
+            (path / "config.json").write_text(json.dumps(config))
+            self._bundles[name] = path
         return self._bundles[name]
 
     def runm_argv(self, bundle: Path, cid: str) -> list[str]:
