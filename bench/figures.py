@@ -96,7 +96,9 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         nid = h.new_id("runc")
         n = h.timed(h.runc_argv(bundle, nid), nid)
         log(f"[start {tag}] runm run: snapshot {_brief(r, fmt_value(Kind.TIME, r.wall))}, "
-            f"cold {_brief(c, fmt_value(Kind.TIME, c.wall))} | bare restore "
+            f"cold {_brief(c, fmt_value(Kind.TIME, c.wall))}, pool "
+            f"{_brief(p, fmt_value(Kind.TIME, p.wall))}, pool (no refill) "
+            f"{_brief(q, fmt_value(Kind.TIME, q.wall))} | bare restore "
             f"{_brief(s, fmt_value(Kind.TIME, s.wall))}, boot "
             f"{_brief(b, fmt_value(Kind.TIME, b.wall))} | runc in guest "
             f"{_brief(g, fmt_value(Kind.TIME, g.wall))} | native runc "

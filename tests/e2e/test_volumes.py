@@ -77,3 +77,40 @@ def test_memory_limit_is_enforced_in_the_guest(runm: Runm, tmp_path: Path) -> No
     (bundle / "config.json").write_text(json.dumps(config))
     result = runm.run("run", "-b", str(bundle), "hog")
     assert result.returncode == 137, (result.stdout, result.stderr)
+    log = tmp_path / "hog.log"
+    again = runm.run("--log", str(log), "run", "-b", str(bundle), "hog2")
+    assert again.returncode == 137
+    assert "the OOM killer took" in log.read_text(), "the caller's log says why it died"
+    assert "memory 256 MiB (memory limit + overhead)" in log.read_text(), \
+        "the VM is sized from the spec's limit"
+
+
+def test_an_oom_kill_is_reported_by_events(runm: Runm, tmp_path: Path) -> None:
+    """A process of a running container killed for memory: `runm events` says "oom"."""
+    import subprocess
+
+    script = ("echo started; while [ ! -e /tmp/go ]; do sleep 0.1; done; "
+              "head -c 200000000 /dev/zero | sort > /dev/null; echo survived; sleep 600")
+    bundle = bundle_with(tmp_path, ["sh", "-c", script], [])
+    config = json.loads((bundle / "config.json").read_text())
+    config["linux"]["resources"]["memory"] = {"limit": 64 << 20, "swap": 64 << 20}
+    config["root"]["readonly"] = False
+    (bundle / "config.json").write_text(json.dumps(config))
+    assert runm.run_detached("run", "-d", "-b", str(bundle), "oomy").returncode == 0
+    events = runm.popen("events", "--interval", "1s", "oomy", stdout=subprocess.PIPE)
+    try:
+        assert events.stdout is not None
+        first = json.loads(events.stdout.readline())
+        assert first["type"] == "stats" and "runm_oom_kills" not in first
+        assert runm.run("exec", "oomy", "touch", "/tmp/go").returncode == 0
+        for _ in range(120):  # one stats event per second until the oom one
+            event = json.loads(events.stdout.readline())
+            if event["type"] == "oom":
+                break
+        assert event == {"type": "oom", "id": "oomy"}
+    finally:
+        events.kill()
+        events.wait()
+        if events.stdout is not None:
+            events.stdout.close()
+        runm.run("delete", "-f", "oomy")

@@ -72,6 +72,32 @@ class ManagedContainer:
     bundle: str
     init: ManagedProcess
     execs: dict[str, ManagedProcess] = field(default_factory=dict)
+    cgroup: Path | None = None  # its cgroup v2 directory, read from /proc/PID/cgroup
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel's OOM killer took from this container so far."""
+        if self.cgroup is None:
+            return 0
+        try:
+            for line in (self.cgroup / "memory.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def cgroup_of(pid: int, proc: Path = Path("/proc"), root: Path = Path("/sys/fs/cgroup")
+              ) -> Path | None:
+    """The cgroup v2 directory of pid ("0::/path" in /proc/PID/cgroup)."""
+    try:
+        for line in (proc / str(pid) / "cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return root / line[3:].lstrip("/")
+    except OSError:
+        pass
+    return None
 
 
 class AgentService:
@@ -250,7 +276,8 @@ class AgentService:
             with contextlib.suppress(OSError):
                 remove_tree(state_dir)
             raise
-        self.containers[req.id] = ManagedContainer(req.id, req.bundle, proc)
+        self.containers[req.id] = ManagedContainer(req.id, req.bundle, proc,
+                                                   cgroup=cgroup_of(proc.pid))
         return api.CreateContainerResponse(pid=proc.pid, notes=notes)
 
     async def start_container(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
@@ -370,7 +397,9 @@ class AgentService:
         # The exit status is only final for the caller once its output has been flushed.
         if proc.output_pumps:
             await asyncio.wait(proc.output_pumps)
-        return api.WaitResponse(exit_status=status, exited_at_ns=proc.exited_at_ns)
+        oom_kills = self._container(req.container_id).oom_kills()
+        return api.WaitResponse(exit_status=status, exited_at_ns=proc.exited_at_ns,
+                                oom_kills=oom_kills)
 
     async def signal_process(self, req: api.SignalRequest, ctx: CallContext) -> api.Empty:
         proc = self._process(req.container_id, req.exec_id)
@@ -440,7 +469,12 @@ class AgentService:
         except RuncError as err:
             raise TtrpcError(Code.FAILED_PRECONDITION if "not running" in str(err)
                              else Code.UNKNOWN, str(err)) from err
-        return api.JsonMessage(id=req.id, json=out.strip())
+        try:
+            event = json.loads(out)
+        except ValueError:
+            return api.JsonMessage(id=req.id, json=out.strip())
+        event[api.OOM_KILLS_KEY] = self._container(req.id).oom_kills()
+        return api.JsonMessage(id=req.id, json=json.dumps(event))
 
     async def update(self, req: api.JsonMessage, ctx: CallContext) -> api.Empty:
         self._container(req.id)

@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log", metavar="FILE", help="write logs to FILE (default: stderr)")
     g.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log format: text (default) or json, as runc writes them")
+    g.add_argument("--config", metavar="FILE",
+                   help="runm's configuration (default /etc/runm/config.toml if it exists; "
+                        "also $RUNM_CONFIG): [vm] memory_mib, cpus, overhead_mib, "
+                        "max_memory_mib, max_cpus; [snapshot] enabled")
     g.add_argument("--root", metavar="DIR", default="/run/runm",
                    help="directory for container state (default: /run/runm)")
     g.add_argument("--criu", metavar="PATH", help="accepted for runc compatibility; unused")
@@ -349,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 1
     try:
+        if args.config:
+            import os
+
+            os.environ["RUNM_CONFIG"] = args.config  # for the monitor and pool keepers too
+        from runm.sandbox.config import load_config
+
+        load_config()  # a bad file is an error now, naming the key, not halfway through
         if getattr(args, "id", None) is not None and args.command != "run":
             from runm.sandbox.bundle import validate_id
 

@@ -239,13 +239,22 @@ def add_verbs(sub: Any) -> None:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    """runc events: one stats event with --stats; otherwise one per interval until it stops."""
+    """runc events: one stats event with --stats; otherwise one per interval until it stops,
+    and an {"type": "oom"} event whenever the OOM killer took a process of the container
+    since the previous one (the guest's cgroup's oom_kill count went up)."""
     import time
+
+    from runm.proto.agent import OOM_KILLS_KEY
 
     container = _container(args)
     interval = parse_duration(args.interval)
+    seen_kills: int | None = None
     while True:
         event = container.stats()
+        kills = int(event.pop(OOM_KILLS_KEY, 0) or 0)
+        if seen_kills is not None and kills > seen_kills:
+            print(json.dumps({"type": "oom", "id": container.id}), flush=True)
+        seen_kills = kills
         print(json.dumps(event), flush=True)
         if args.stats:
             return 0

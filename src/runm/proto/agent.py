@@ -100,10 +100,16 @@ class ProcessResponse(Message):
     pid: int = pfield(1, "uint32")
 
 
+# Added by the agent to runc's stats event (Stats): the container's cgroup's oom_kill count,
+# which `runm events` turns into {"type": "oom"} events.
+OOM_KILLS_KEY = "runm_oom_kills"
+
+
 @dataclass
 class WaitResponse(Message):
     exit_status: int = pfield(1, "uint32")
     exited_at_ns: int = pfield(2, "int64")
+    oom_kills: int = pfield(3, "uint32")  # the container's cgroup's oom_kill count then
 
 
 @dataclass

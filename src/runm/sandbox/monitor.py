@@ -33,7 +33,7 @@ from runm.net.ports import parse_publish
 from runm.proto import agent as api
 from runm.sandbox import hoststdio
 from runm.sandbox.bundle import load_bundle
-from runm.sandbox.run import bundle_shares
+from runm.sandbox.run import bundle_shares, bundle_vm_size
 from runm.sandbox.sandbox import Sandbox
 from runm.sandbox.state import StateStore
 from runm.ttrpc import CallContext, Code, Server, TtrpcError, serve_unix
@@ -193,8 +193,10 @@ class Monitor:
 
     async def boot_and_create(self) -> None:
         bundle = load_bundle(self.config.bundle)
+        size = bundle_vm_size(bundle, self.config.image())
         self.sandbox = Sandbox.create(self.cid, self.config.image(), self.run_dir,
-                                      bundle_shares(bundle),
+                                      bundle_shares(bundle), memory_mib=size.memory_mib,
+                                      cpus=size.cpus,
                                       publish=[parse_publish(p) for p in self.config.publish])
         await self.sandbox.boot()
         init = self.processes[""]

@@ -16,10 +16,13 @@ from runm.guest.image import GuestImage
 from runm.proto import agent as api
 from runm.sandbox import hoststdio
 from runm.sandbox.bundle import Bundle
+from runm.sandbox.config import VMSize, load_config
+from runm.sandbox.config import vm_size as size_for_spec
 from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
 from runm.sandbox.state import ContainerRecord, StateStore
 from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import TtrpcError
+from runm.vm.accel import choose_accelerator
 from runm.vm.base import PortForward, Share
 
 log = logging.getLogger("runm.run")
@@ -50,6 +53,14 @@ def bundle_shares(bundle: Bundle) -> list[Share]:
     return [Share(f"share{i}", path, str(path)) for i, path in enumerate(bundle.shared_dirs())]
 
 
+def bundle_vm_size(bundle: Bundle, image: GuestImage) -> VMSize:
+    """The VM size for this bundle's container (logged: it decides which snapshot is used)."""
+    accel = choose_accelerator(image.kernel)
+    size = size_for_spec(bundle.spec, bundle.annotations, load_config(), accel)
+    log.info("VM for %s: %s", bundle.path, size.why)
+    return size
+
+
 def write_pid_file(path: str, pid: int) -> None:
     """runc's format: digits only, no newline, written atomically."""
     target = Path(path).absolute()
@@ -67,7 +78,9 @@ async def run_container(opts: RunOptions) -> int:
     opts.store.create(record)
     run_dir = vm_run_dir(opts.store.root, cid)
     record.vm = {"run_dir": str(run_dir), "foreground_pid": os.getpid()}
+    vm_size = bundle_vm_size(bundle, opts.image)
     sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle),
+                             memory_mib=vm_size.memory_mib, cpus=vm_size.cpus,
                              publish=opts.publish)
     loop = asyncio.get_running_loop()
     interrupted: list[int] = []
@@ -132,6 +145,9 @@ async def run_container(opts: RunOptions) -> int:
             opts.store.save(record)
             waited = await agent.wait_process(cid)
             status = waited.exit_status
+            if waited.oom_kills:
+                log.warning("container %s: the OOM killer took %d process(es) (memory limit "
+                            "reached)", cid, waited.oom_kills)
             opts.timings.mark("process_run")
             await asyncio.gather(*outputs, return_exceptions=True)
         record.status = "stopped"

@@ -16,6 +16,7 @@ from runm.channel.stream import AsyncioByteStream
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.sandbox.agent_client import AgentClient
+from runm.sandbox.config import default_cpus, load_config
 from runm.sandbox.snapshot import discard_snapshot, ensure_snapshot, snapshots_enabled
 from runm.ttrpc import Client, TtrpcError
 from runm.vm.accel import choose_accelerator
@@ -32,10 +33,6 @@ from runm.vm.qemu import HOTPLUG_ROOT_PORTS, QemuVM
 
 log = logging.getLogger("runm.sandbox")
 
-DEFAULT_MEMORY_MIB = 512
-# Two vCPUs: under TCG a restored guest's first runc is ~25% faster with a second vCPU thread
-# (the Go runtime and the agent run beside each other); KVM users get parallelism.
-DEFAULT_CPUS = min(2, os.cpu_count() or 1)
 RESTORE_TIMEOUT = 10.0  # a restored agent answers in ~0.1 s; past this, boot cold instead
 
 
@@ -131,8 +128,13 @@ class Sandbox:
 
     @classmethod
     def create(cls, name: str, image: GuestImage, run_dir: Path, shares: list[Share],
-               memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = DEFAULT_CPUS,
+               memory_mib: int = 0, cpus: int = 0,
                publish: list[PortForward] | None = None) -> Sandbox:
+        """A sandbox for a VM of the given size (0: the config file's default size)."""
+        if not memory_mib or not cpus:
+            defaults = load_config().vm
+            memory_mib = memory_mib or defaults.memory_mib
+            cpus = cpus or defaults.cpus or default_cpus(choose_accelerator(image.kernel))
         config = VMConfig(name=name, kernel=image.kernel, initrd=image.initrd,
                           rootfs=image.rootfs, run_dir=run_dir, memory_mib=memory_mib,
                           cpus=cpus, shares=shares, publish=list(publish or []))

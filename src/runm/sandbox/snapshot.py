@@ -40,8 +40,14 @@ META_FILE = "meta.json"
 
 
 def snapshots_enabled() -> bool:
-    """RUNM_SNAPSHOT=0 makes every start a cold boot (for comparison and for debugging)."""
-    return os.environ.get("RUNM_SNAPSHOT", "1") != "0"
+    """RUNM_SNAPSHOT=0|1 if set (for comparison and debugging), else the config file's
+    [snapshot] enabled (default true)."""
+    forced = os.environ.get("RUNM_SNAPSHOT")
+    if forced is not None:
+        return forced != "0"
+    from runm.sandbox.config import load_config
+
+    return load_config().snapshots
 
 
 def snapshots_dir(image: GuestImage) -> Path:

@@ -188,8 +188,8 @@ class _Connection:
                     await asyncio.wait({receive, ended}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     receive.cancel()
-                if not receive.done() or receive.cancelled():
-                    return  # a handler ended the connection
+                if ended.done() or receive.cancelled():
+                    return  # a handler ended the connection: later bytes are not for us
                 data = receive.result()
                 if not data:
                     return
