@@ -114,3 +114,16 @@ def test_an_oom_kill_is_reported_by_events(runm: Runm, tmp_path: Path) -> None:
         if events.stdout is not None:
             events.stdout.close()
         runm.run("delete", "-f", "oomy")
+
+
+def test_tmpfs_mounts_work_and_leave_nothing_on_the_host(runm: Runm, tmp_path: Path) -> None:
+    bundle = bundle_with(tmp_path, ["sh", "-c", "echo x > /scratch/f && cat /scratch/f && "
+                                    "grep ' /scratch ' /proc/mounts | cut -d' ' -f3,4"],
+                         [{"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "size=1m"]}])
+    result = runm.run("run", "-b", str(bundle), "tmp1")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "x"
+    assert lines[1].startswith("tmpfs rw,nosuid"), lines
+    assert not (bundle / "rootfs" / "scratch" / "f").exists()
