@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from typing import Protocol
 
 
@@ -36,6 +38,18 @@ class AsyncioByteStream:
     async def connect_unix(cls, path: str) -> AsyncioByteStream:
         reader, writer = await asyncio.open_unix_connection(path, limit=1 << 22)
         return cls(reader, writer)
+
+    @classmethod
+    async def from_fd(cls, fd: int) -> AsyncioByteStream:
+        """Adopt an already connected unix socket (e.g. received with SCM_RIGHTS)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 22)
+        return cls(reader, writer)
+
+    def dup_fd(self) -> int:
+        """A duplicate of the underlying socket's fd: the connection outlives aclose()."""
+        sock = self._writer.get_extra_info("socket")
+        return os.dup(sock.fileno())
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         try:

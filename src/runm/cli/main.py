@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool = sub.add_parser(
         "pool", help="keep VMs restored and warmed up in advance, so starts skip both",
         description="The warm pool: guests restored from the VM snapshot, warmed up by one "
-                    "throwaway container, and kept paused. A start takes one (resume, plug "
+                    "throwaway container, and kept idle. A start takes one (plug "
                     "in the bundle, run runc on warm code paths) and a new one is prepared in "
                     "the background. Off until `runm pool fill N`. Each pooled VM costs host "
                     "memory while it waits (see `runm bench`).")

@@ -1,4 +1,4 @@
-"""The warm pool: guests restored from the snapshot and warmed up in advance, kept paused.
+"""The warm pool: guests restored from the snapshot and warmed up in advance, kept idle.
 
 Under TCG the first container in a freshly restored guest is slow: every code path it runs is
 translated for the first time. A pool member has already run a throwaway container, so a start
@@ -6,12 +6,13 @@ that takes it only resumes the VM, plugs in its shares and runs runc on warm pat
 
 Each member is a *keeper* process (`python -m runm.sandbox.pool keep RUN_DIR`, its own
 session) that restores a VM in RUN_DIR under the run base, warms it up (agent WarmUp), ends its
-agent connection (Quiesce), pauses it and waits on RUN_DIR/pool.sock. A start claims it by
-sending its pid and the run dir it wants; the keeper renames RUN_DIR to that (QEMU's sockets
-are bound, so they move with it) and answers with QEMU's pid. From then on the taker drives the
-VM through the same sockets as one it started, and the keeper only watches: it kills the VM if
-the taker dies, and exits when the VM does. QEMU is the keeper's child (PDEATHSIG), so nothing
-outlives the keeper either.
+agent session (Quiesce) and waits on RUN_DIR/pool.sock, with the VM idle (not paused: see
+Sandbox.detach). A start claims it by sending its pid and the run dir it wants; the keeper
+renames RUN_DIR to that (QEMU's sockets are bound, so they move with it) and answers with
+QEMU's pid and, as SCM_RIGHTS, its still-connected agent and stdio sockets: the guest never
+sees its host go away. From then on the taker drives the VM as one it started, and the keeper
+only watches: it kills the VM if the taker dies, and exits when the VM does. QEMU is the
+keeper's child (PDEATHSIG), so nothing outlives the keeper either.
 
 The pool is off unless a size is set (`runm pool fill N` writes RUN_BASE/pool-size); every
 claim refills it in the background.
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runm.vm.base import SnapshotFiles
+from runm.vm.base import IO_PORT, SnapshotFiles
 
 log = logging.getLogger("runm.pool")
 
@@ -106,28 +107,39 @@ def set_pool_size(base: Path, size: int) -> None:
     (base / SIZE_FILE).write_text(f"{size}\n")
 
 
-def claim(base: Path, snapshot: SnapshotFiles, run_dir: Path) -> int:
-    """Take a ready member restored from `snapshot`, moved to run_dir; its QEMU pid, or 0."""
+def claim(base: Path, snapshot: SnapshotFiles, run_dir: Path) -> tuple[int, list[int]]:
+    """Take a ready member restored from `snapshot`, moved to run_dir: its QEMU pid and
+    its connected (agent, stdio) sockets - or (0, [])."""
     if pool_size(base) == 0 and not any(base.glob(f"{MEMBER_PREFIX}*")):
-        return 0
+        return 0, []
     key = snapshot.ram.parent.name
     for member in members(base):
         if member.state != "ready" or member.key != key:
             continue
+        fds: list[int] = []
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(CLAIM_TIMEOUT)
                 sock.connect(str(member.run_dir / CLAIM_SOCKET))
                 sock.sendall(json.dumps({"pid": os.getpid(), "run_dir": str(run_dir)}).encode()
                              + b"\n")
-                reply = json.loads(sock.makefile("rb").readline() or b"{}")
+                data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
+                reply = json.loads(data or b"{}")
         except (OSError, ValueError) as err:
             log.debug("pool member %s: %s", member.run_dir, err)
+            _close_all(fds)
             continue
-        if reply.get("qemu_pid"):
-            return int(reply["qemu_pid"])
+        if reply.get("qemu_pid") and len(fds) == 2:
+            return int(reply["qemu_pid"]), list(fds)
+        _close_all(fds)
         log.debug("pool member %s refused: %s", member.run_dir, reply.get("error"))
-    return 0
+    return 0, []
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def refill(base: Path) -> int:
@@ -169,6 +181,7 @@ class Keeper:
         self.stop = asyncio.Event()
         self.taker_pid = 0
         self.qemu_pid = 0
+        self.fds: list[int] = []  # the agent and stdio connections, for the taker
 
     async def run(self) -> int:
         from runm.guest.image import GuestImageError, find_image
@@ -190,13 +203,20 @@ class Keeper:
             await sandbox.start_restored(snapshot, stdio=False)
             assert sandbox.agent is not None
             await sandbox.agent.warm_up(timeout=WARM_UP_TIMEOUT)
-            await sandbox.detach()
+            # The taker gets these very connections: the guest never sees its host leave.
+            io = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            io.connect(str(sandbox.vm.port_path(IO_PORT)))
+            self.fds = [await sandbox.detach(), io.detach()]
         except Exception as err:
             log.error("preparing the pooled VM failed: %s", err)
             await sandbox.close()
             return 1
         vm_exit = asyncio.ensure_future(sandbox.vm.wait_exit())
-        server = await asyncio.start_unix_server(self._on_claim, str(self.run_dir / CLAIM_SOCKET))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.run_dir / CLAIM_SOCKET))
+        listener.listen(8)
+        listener.setblocking(False)
+        accepting = asyncio.ensure_future(self._serve_claims(listener))
         self.qemu_pid = sandbox.vm.pid
         member.state, member.key, member.qemu_pid = "ready", snapshot.ram.parent.name, self.qemu_pid
         member.write()
@@ -205,7 +225,9 @@ class Keeper:
         claimed = asyncio.ensure_future(self.claimed.wait())
         try:
             await asyncio.wait({vm_exit, stop, claimed}, return_when=asyncio.FIRST_COMPLETED)
-            server.close()
+            accepting.cancel()
+            listener.close()
+            _close_all(self.fds)
             if claimed.done():
                 await self._watch_taker(vm_exit)
                 if not vm_exit.done():
@@ -240,9 +262,27 @@ class Keeper:
             loop.remove_reader(pidfd)
             os.close(pidfd)
 
-    async def _on_claim(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_claims(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.claimed.is_set():
+            conn, _ = await loop.sock_accept(listener)
+            with conn:
+                try:
+                    await asyncio.wait_for(self._on_claim(conn), CLAIM_TIMEOUT)
+                except (OSError, TimeoutError) as err:
+                    log.warning("claim failed: %s", err)
+
+    async def _on_claim(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await loop.sock_recv(conn, 4096)
+            if not chunk:
+                return
+            data += chunk
+        fds: list[int] = []
         try:
-            request = json.loads(await asyncio.wait_for(reader.readline(), CLAIM_TIMEOUT))
+            request = json.loads(data)
             if self.claimed.is_set() or self.stop.is_set():
                 raise ValueError("already taken")
             target = Path(request["run_dir"])
@@ -254,15 +294,15 @@ class Keeper:
                     (target / name).unlink()
             self.taker_pid = taker
             _renice_process(self.qemu_pid, 0)
-            self.claimed.set()
             reply: dict[str, object] = {"qemu_pid": self.qemu_pid}
+            fds = self.fds
             log.info("taken by pid %d into %s", taker, target)
-        except (OSError, ValueError, KeyError, TypeError, TimeoutError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             reply = {"error": str(err)}
-        with contextlib.suppress(OSError):
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-            writer.close()
+        conn.setblocking(True)  # one small message: it fits the socket buffer
+        socket.send_fds(conn, [json.dumps(reply).encode() + b"\n"], fds)
+        if fds:
+            self.claimed.set()
 
 
 def _renice_process(pid: int, nice: int) -> None:

@@ -244,8 +244,8 @@ class QemuVM(VirtualMachine):
             raise
 
     async def attach(self, qemu_pid: int) -> None:
-        """Take over a paused, restored QEMU another process started in our run dir (a pool
-        member): resume it and hot-plug our shares. Its exit code cannot be known (not our
+        """Take over a restored QEMU another process started in our run dir (a pool member):
+        make sure it runs (`cont`) and hot-plug our shares. Its exit code cannot be known (not our
         child): wait_exit() gives -1."""
         self._adopted = qemu_pid
         self._adopted_pidfd = os.pidfd_open(qemu_pid)
