@@ -16,7 +16,6 @@ complete. Old images and bases are pruned (the newest two of each are kept).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from runm.filelock import hold, open_lock
 from runm.guest import build
 from runm.guest.errors import GuestImageError
 from runm.guest.init_script import INIT_SCRIPT
@@ -180,19 +180,12 @@ def ensure_image(
 @contextlib.contextmanager
 def _locked(path: Path, progress: Callable[[str], None] | None) -> Iterator[None]:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock(path)
     except OSError as exc:
         raise GuestImageError(f"building guest image: opening {path}: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress is not None:
-                progress("waiting for another guest image build")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with hold(fd, (lambda: progress("waiting for another guest image build")) if progress
+              else None):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _replace_dir(staging: Path, final: Path, tmp: Path) -> None:

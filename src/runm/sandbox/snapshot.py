@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,11 +26,12 @@ from pathlib import Path
 
 from runm.channel.stream import AsyncioByteStream
 from runm.errors import RunmError
+from runm.filelock import hold, open_lock
 from runm.guest.image import GuestImage
 from runm.sandbox.agent_client import AgentClient
 from runm.ttrpc import Client
 from runm.vm.base import CTL_PORT, SnapshotFiles, VMConfig, VMError
-from runm.vm.qemu import QemuVM, qemu_binary
+from runm.vm.qemu import QemuVM, data_extents, qemu_binary
 
 log = logging.getLogger("runm.snapshot")
 
@@ -106,7 +106,6 @@ def punch_zero_pages(fd: int, chunk: int = 2 << 20) -> int:
     copy only data extents, so this is RAM (and copy time) saved in every restored VM."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    size = os.fstat(fd).st_size
     zero_chunk = bytes(chunk)
     runs: list[tuple[int, int]] = []  # (start, end) of zero pages, merged
 
@@ -116,13 +115,7 @@ def punch_zero_pages(fd: int, chunk: int = 2 << 20) -> int:
         else:
             runs.append((start, end))
 
-    pos = 0
-    while pos < size:
-        try:
-            data_start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: the rest is a hole
-            break
-        data_end = os.lseek(fd, data_start, os.SEEK_HOLE)
+    for data_start, data_end in data_extents(fd):
         offset = data_start
         while offset < data_end:
             block = os.pread(fd, min(chunk, data_end - offset), offset)
@@ -134,7 +127,6 @@ def punch_zero_pages(fd: int, chunk: int = 2 << 20) -> int:
                     if view[page:page + PAGE] == _ZERO_PAGE[:len(view[page:page + PAGE])]:
                         zero(offset + page, offset + min(page + PAGE, len(block)))
             offset += len(block)
-        pos = data_end
     freed = 0
     for start, end in runs:
         if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start,
@@ -148,17 +140,9 @@ def punch_zero_pages(fd: int, chunk: int = 2 << 20) -> int:
 @contextlib.contextmanager
 def _lock(path: Path, progress: Callable[[str], None] | None) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress is not None:
-                progress("waiting for another runm making the VM snapshot")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with hold(open_lock(path), (lambda: progress("waiting for another runm making the VM "
+                                                 "snapshot")) if progress else None):
         yield
-    finally:
-        os.close(fd)
 
 
 async def ensure_snapshot(image: GuestImage, vm: QemuVM, accel: str, run_base: Path,

@@ -22,7 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +422,20 @@ class QemuVM(VirtualMachine):
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def data_extents(fd: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of every data extent of a sparse file, in order (holes skipped)."""
+    size = os.fstat(fd).st_size
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        pos = end
+
+
 def private_ram_copy(path: Path, size: int) -> int:
     """A memfd holding a copy of the RAM file at path (holes stay holes): a restored guest
     writes to its own pages, never to the snapshot, while virtiofsd can still map them."""
@@ -433,20 +447,13 @@ def private_ram_copy(path: Path, size: int) -> int:
             if actual != size:
                 raise VMError(f"snapshot RAM {path} is {actual} bytes, expected {size}")
             os.ftruncate(fd, size)
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(in_fd, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole is left
-                    break
-                end = os.lseek(in_fd, start, os.SEEK_HOLE)
+            for start, end in data_extents(in_fd):
                 os.lseek(fd, start, os.SEEK_SET)
                 while start < end:
                     sent = os.sendfile(fd, in_fd, start, end - start)
                     if sent == 0:
                         raise VMError(f"snapshot RAM {path}: short read at {start}")
                     start += sent
-                pos = end
     except BaseException:
         os.close(fd)
         raise
