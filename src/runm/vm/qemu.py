@@ -22,7 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,16 +232,8 @@ class QemuVM(VirtualMachine):
                 os.close(ram_fd)  # QEMU has its own reference now
         self._exit = _watch_exit(self._qemu)
         log.debug("qemu pid=%d accel=%s", self._qemu.pid, self.accel)
-        try:
-            if c.restore is not None:
-                await self._restore(c.restore)
-                for i, share in enumerate(c.shares):
-                    await self._hotplug_share(i, share)
-            await self._forward_ports()
-        except BaseException:
-            await self.close_qmp()
-            self.kill()
-            raise
+        restore = c.restore
+        await self._bring_up(None if restore is None else lambda: self._restore(restore))
 
     async def attach(self, qemu_pid: int) -> None:
         """Take over a restored QEMU another process started in our run dir (a pool member):
@@ -251,10 +243,17 @@ class QemuVM(VirtualMachine):
         self._adopted_pidfd = os.pidfd_open(qemu_pid)
         self._exit = _watch_pidfd(self._adopted_pidfd, self._forget_adopted)
         self.accel = self.config.accel or ""
+        await self._bring_up(lambda: self.qmp("cont"))
+
+    async def _bring_up(self, resume: Callable[[], Awaitable[object]] | None) -> None:
+        """Once QEMU runs: `resume` a VM that did not boot here (restore it, or let an adopted
+        one run), then hot-plug the shares it did not boot with, then publish the ports. Any
+        failure kills the VM."""
         try:
-            await self.qmp("cont")
-            for i, share in enumerate(self.config.shares):
-                await self._hotplug_share(i, share)
+            if resume is not None:
+                await resume()
+                for i, share in enumerate(self.config.shares):
+                    await self._hotplug_share(i, share)
             await self._forward_ports()
         except BaseException:
             await self.close_qmp()
