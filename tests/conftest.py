@@ -27,7 +27,8 @@ def _entries(path: Path) -> set[str]:
 # What other runm users on this host had before the suite started (not ours to judge).
 VM_RUN_DIRS_BEFORE = _entries(VM_RUN_DIR)
 LEAK_PATTERNS = ("qemu-system", "virtiofsd")
-LEAK_MODULES = ("runm.sandbox.monitor", "runm.sandbox.standin", "runm.sandbox.pool")
+LEAK_MODULES = ("runm.sandbox.monitor", "runm.sandbox.standin", "runm.sandbox.pool",
+                "runm.shim.main")
 
 
 def vm_processes() -> dict[int, str]:

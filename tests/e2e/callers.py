@@ -410,6 +410,21 @@ def runtime_verb(args: Sequence[str]) -> str:
 
 
 @pytest.fixture(scope="session")
+def shim_dir(e2e_dir: Path, guest_image: object) -> Path:
+    """A directory holding containerd-shim-runm-v2 from this checkout, for containerd's PATH
+    (containerd finds the shim of runtime io.containerd.runm.v2 by that name)."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    directory = e2e_dir / "shimbin"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "containerd-shim-runm-v2"
+    path.write_text("#!/bin/sh\n"
+                    f"PYTHONPATH={shlex.quote(str(src))} "
+                    f"exec {shlex.quote(sys.executable)} -m runm.shim.main \"$@\"\n")
+    path.chmod(0o755)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def runtime_trace(runtime_binary: str, e2e_dir: Path) -> RuntimeTrace:
     return RuntimeTrace.create(e2e_dir / "runtime", runtime_binary)
 
@@ -586,7 +601,7 @@ def clean_containerd_namespace(helper: Containerd, namespace: str) -> None:
 
 
 @pytest.fixture(scope=CALLER_SCOPE)
-def containerd(busybox_image: Path, e2e_dir: Path) -> Iterator[Containerd]:
+def containerd(busybox_image: Path, e2e_dir: Path, shim_dir: Path) -> Iterator[Containerd]:
     require("containerd", "ctr", "containerd-shim-runc-v2")
     directory = Path(tempfile.mkdtemp(prefix="ctrd-", dir=e2e_dir))
     (directory / "fifo").mkdir()
@@ -595,6 +610,7 @@ def containerd(busybox_image: Path, e2e_dir: Path) -> Iterator[Containerd]:
     config = containerd_config(directory)
     teardown = Teardown("containerd", directory, new_cgroup_names(CONTAINERD_CGROUPS, cgroups))
     env = caller_env(directory)
+    env["PATH"] = f"{shim_dir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     with (directory / "containerd.log").open("wb") as log:
         proc = subprocess.Popen(["containerd", "--config", str(config), "--log-level", "warn"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -611,6 +627,7 @@ def containerd(busybox_image: Path, e2e_dir: Path) -> Iterator[Containerd]:
         helper.ctr("images", "import", str(busybox_image), timeout=120)
         yield helper
     finally:
+        proc = helper.proc  # a test may have restarted containerd
         try:
             if proc.poll() is None:
                 namespaces = helper.ctr("namespaces", "ls", "-q", check=False).stdout.split()

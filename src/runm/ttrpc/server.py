@@ -65,6 +65,8 @@ class CallContext:
     # Set by a handler: stop serving this connection once its reply is sent (the next bytes
     # on the stream belong to a new peer, e.g. a VM about to be snapshotted).
     end_connection: bool = False
+    # Set by a handler: called once its reply is on the wire (e.g. to exit after answering).
+    on_replied: Callable[[], None] | None = None
 
     def get(self, key: str) -> str | None:
         """The first metadata value for key (case-insensitive), or None."""
@@ -314,6 +316,8 @@ class _Connection:
         except Exception as err:
             return _unknown(label, err)
         await self._writer.write(final)
+        if ctx.on_replied is not None:
+            ctx.on_replied()
         if ctx.end_connection:
             self._ended.set()  # write() returned: the reply is on the wire
         return None

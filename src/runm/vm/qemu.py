@@ -105,6 +105,7 @@ class QemuVM(VirtualMachine):
         self._qmp: object | None = None
         self._adopted: int = 0  # pid of a QEMU started by another process (a pool keeper)
         self._adopted_pidfd = -1
+        self._hotplugged = 0  # reserved root ports in use
 
     # -- paths -------------------------------------------------------------------------
 
@@ -252,8 +253,8 @@ class QemuVM(VirtualMachine):
         try:
             if resume is not None:
                 await resume()
-                for i, share in enumerate(self.config.shares):
-                    await self._hotplug_share(i, share)
+                for share in self.config.shares:
+                    await self._hotplug_share(share)
             await self._forward_ports()
         except BaseException:
             await self.close_qmp()
@@ -284,17 +285,30 @@ class QemuVM(VirtualMachine):
             if isinstance(out, str) and out.strip():
                 raise VMError(f"publishing {forward}: {out.strip()}")
 
-    async def _hotplug_share(self, index: int, share: Share) -> None:
-        """Attach a virtiofs share to a running guest (into a reserved root port)."""
-        if index >= HOTPLUG_ROOT_PORTS:
+    async def add_share(self, share: Share) -> None:
+        """Share one more directory with the running guest (it still has to mount it)."""
+        self.config.shares.append(share)
+        try:
+            await self._hotplug_share(share)
+        except BaseException:
+            self.config.shares.remove(share)
+            raise
+
+    async def _hotplug_share(self, share: Share) -> None:
+        """Attach a virtiofs share (one of config.shares) to the running guest, into the next
+        free reserved root port."""
+        index = self.config.shares.index(share)
+        port = self._hotplugged
+        if port >= HOTPLUG_ROOT_PORTS:
             raise VMError(f"cannot hot-plug more than {HOTPLUG_ROOT_PORTS} shares")
         self._start_virtiofsd(index, share)
         address = {"type": "unix", "data": {"path": str(self._virtiofsd_socket(index))}}
         await self.qmp("chardev-add", id=f"fs{index}",
                        backend={"type": "socket", "data": {"addr": address, "server": False}})
         await self.qmp("device_add", driver="vhost-user-fs-pci", id=f"fsdev{index}",
-                       chardev=f"fs{index}", tag=share.tag, bus=f"hp{index}",
+                       chardev=f"fs{index}", tag=share.tag, bus=f"hp{port}",
                        **{"queue-size": 1024})
+        self._hotplugged += 1
 
     async def _migration(self, command: str, uri: str) -> None:
         """Run `migrate` or `migrate-incoming` (guest RAM excluded) and wait for it to finish."""
