@@ -75,6 +75,72 @@ def test_publish_annotation_for_callers_without_flags(runm: Runm, tmp_path: Path
         runm.run("delete", "-f", "web2")
 
 
+# A UDP echo server and a TCP greeter in one container (busybox has no UDP server; the
+# guest image's own root has python3).
+SERVERS = """
+import socket, threading
+def tcp():
+    t = socket.socket()
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("0.0.0.0", 8080))
+    t.listen()
+    while True:
+        c, _ = t.accept()
+        c.sendall(b"tcp-hello\\n")
+        c.close()
+threading.Thread(target=tcp, daemon=True).start()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", 5353))
+while True:
+    data, peer = u.recvfrom(2048)
+    u.sendto(b"echo:" + data, peer)
+"""
+
+
+@pytest.fixture(scope="module")
+def python_rootfs(guest_image: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root filesystem with python3: the guest image's root, extracted."""
+    import subprocess
+
+    target = tmp_path_factory.mktemp("pyroot") / "rootfs"
+    subprocess.run(["fsck.erofs", f"--extract={target}", str(getattr(guest_image, "rootfs"))],
+                   check=True, capture_output=True)
+    return target
+
+
+def udp_echo(port: int, message: bytes) -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        s.sendto(message, ("127.0.0.1", port))
+        try:
+            return s.recv(2048)
+        except OSError:
+            return None
+
+
+def test_udp_and_tcp_ports_published_together(runm: Runm, tmp_path: Path,
+                                              python_rootfs: Path) -> None:
+    udp, tcp = free_port(), free_port()
+    b = make_busybox_bundle(tmp_path / "servers", ["python3", "-c", SERVERS])
+    config = json.loads((b / "config.json").read_text())
+    config["root"] = {"path": str(python_rootfs), "readonly": True}
+    config["process"]["env"] = ["PATH=/usr/bin:/bin"]
+    (b / "config.json").write_text(json.dumps(config))
+    result = runm.run_detached("run", "-d", "-p", f"127.0.0.1:{udp}:5353/udp",
+                               "-p", f"127.0.0.1:{tcp}:8080", "-b", str(b), "servers")
+    assert result.returncode == 0, result.stderr.decode()
+    try:
+        # a datagram sent before the server binds is lost: ask again until it answers
+        assert wait_until(lambda: udp_echo(udp, b"ping") is not None, timeout=90,
+                          interval=0.0), "no UDP echo"
+        assert udp_echo(udp, b"x" * 1400) == b"echo:" + b"x" * 1400
+        with socket.create_connection(("127.0.0.1", tcp), timeout=10) as conn:
+            assert conn.makefile("rb").readline() == b"tcp-hello\n"
+    finally:
+        runm.run("delete", "-f", "servers")
+    assert udp_echo(udp, b"gone") is None
+
+
 def test_a_taken_host_port_is_a_clear_error_before_any_vm(runm: Runm, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

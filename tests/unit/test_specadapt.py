@@ -64,3 +64,17 @@ def test_network_namespaces_in_the_vm() -> None:
     published, notes = adapt_spec(spec, "/b", "c1", exists=exists_only(), vm_network=True)
     assert published["linux"]["namespaces"] == [{"type": "uts"}, {"type": "ipc"}]
     assert any("ports are published" in n for n in notes)
+
+
+def test_a_pods_namespaces_named_by_host_pid_mean_the_sandboxs_guest_pid() -> None:
+    spec = {"root": {"path": "/r"},
+            "linux": {"namespaces": [{"type": "pid", "path": "/proc/4321/ns/pid"},
+                                     {"type": "ipc", "path": "/proc/4321/ns/ipc"},
+                                     {"type": "uts", "path": "/proc/99/ns/uts"}]}}
+    adapted, notes = adapt_spec(spec, "/b", "app", exists=exists_only("/proc/7/ns/pid",
+                                                                      "/proc/7/ns/ipc"),
+                                pid_alias=(4321, 7))
+    assert adapted["linux"]["namespaces"] == [{"type": "pid", "path": "/proc/7/ns/pid"},
+                                              {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                                              {"type": "uts"}]
+    assert len(notes) == 3 and "host pid 4321" in notes[0]

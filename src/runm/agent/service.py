@@ -255,7 +255,8 @@ class AgentService:
         proc = ManagedProcess(req.id, "")
         try:
             notes = write_guest_bundle(req.bundle, req.id, state_dir / "bundle",
-                                       vm_network=req.vm_network)
+                                       vm_network=req.vm_network,
+                                       pid_alias=(req.host_pid, req.guest_pid))
         except (OSError, ValueError) as err:
             remove_tree(state_dir)
             raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the bundle's config.json: {err}"

@@ -15,14 +15,15 @@ from typing import Any
 
 
 def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
-               exists: Any = os.path.exists, vm_network: bool = False
-               ) -> tuple[dict[str, Any], list[str]]:
+               exists: Any = os.path.exists, vm_network: bool = False,
+               pid_alias: tuple[int, int] = (0, 0)) -> tuple[dict[str, Any], list[str]]:
     """Return (the spec for the guest's runc, human-readable notes on what was changed).
 
     The VM is the container's network sandbox: a network namespace the caller prepared on the
     host (a path that exists only there) means "give it a network", so the container uses the
     VM's; so does vm_network (ports published). A new namespace without a path stays what runc
-    makes of it: loopback only.
+    makes of it: loopback only. pid_alias (host pid, guest pid): a namespace path under
+    /proc/<host pid>/ means the same under /proc/<guest pid>/ (a pod's sandbox container).
     """
     out = copy.deepcopy(spec)
     notes: list[str] = []
@@ -32,8 +33,13 @@ def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
         root["path"] = os.path.join(bundle, root_path)  # the copy lives outside the bundle
     linux = out.get("linux") or {}
     kept_namespaces = []
+    host_pid, guest_pid = pid_alias
     for ns in linux.get("namespaces") or []:
         path = ns.get("path")
+        if host_pid and guest_pid and path and path.startswith(f"/proc/{host_pid}/"):
+            ns["path"] = path = f"/proc/{guest_pid}/" + path.removeprefix(f"/proc/{host_pid}/")
+            notes.append(f"{ns.get('type')} namespace: {ns['path']} (the sandbox's, named "
+                         f"by its host pid {host_pid})")
         host_only = bool(path) and not exists(path)
         if ns.get("type") == "network" and (host_only or vm_network):
             notes.append(f"network namespace{f' {path}' if path else ''}: the container "
@@ -66,13 +72,15 @@ def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
 
 
 def write_guest_bundle(bundle: str, container_id: str, guest_dir: Path,
-                       vm_network: bool = False) -> list[str]:
+                       vm_network: bool = False,
+                       pid_alias: tuple[int, int] = (0, 0)) -> list[str]:
     """Write the adapted spec into guest_dir/config.json; return the notes."""
     import json
 
     with open(Path(bundle) / "config.json") as f:
         spec = json.load(f)
-    adapted, notes = adapt_spec(spec, bundle, container_id, vm_network=vm_network)
+    adapted, notes = adapt_spec(spec, bundle, container_id, vm_network=vm_network,
+                                pid_alias=pid_alias)
     guest_dir.mkdir(parents=True, exist_ok=True)
     (guest_dir / "config.json").write_text(json.dumps(adapted))
     return notes

@@ -68,6 +68,10 @@ class CreateContainerRequest(Message):
     # The container joins the VM's network (its NIC, published ports) even if the spec asks
     # for a new, empty network namespace.
     vm_network: bool = pfield(5, "bool")
+    # Namespace paths /proc/<host_pid>/ns/* in the spec mean /proc/<guest_pid>/ns/*: in a
+    # pod, containers name the sandbox's namespaces by the pid the host knows it by.
+    host_pid: int = pfield(6, "uint32")
+    guest_pid: int = pfield(7, "uint32")
 
 
 @dataclass

@@ -33,8 +33,10 @@ class AgentClient:
                          api.Empty)
 
     async def create_container(self, container_id: str, bundle: str, stdio: api.Stdio,
-                               *, no_pivot: bool = False, vm_network: bool = False) -> int:
-        req = api.CreateContainerRequest(container_id, bundle, stdio, no_pivot, vm_network)
+                               *, no_pivot: bool = False, vm_network: bool = False,
+                               pid_alias: tuple[int, int] = (0, 0)) -> int:
+        req = api.CreateContainerRequest(container_id, bundle, stdio, no_pivot, vm_network,
+                                         *pid_alias)
         resp = await self._call("CreateContainer", req, api.CreateContainerResponse)
         for note in resp.notes:
             log.info("adapted the spec of %s for the VM: %s", container_id, note)

@@ -103,3 +103,31 @@ def copy_stream_to_fd(stream: MuxStream, fd: int) -> asyncio.Future[None]:
                 return
 
     return _in_thread(loop, body)
+
+
+class FdIO:
+    """The ProcessIO (see pod.py) of a process whose stdio is the caller's own fds: `wanted`
+    says which of stdin, stdout, stderr it has, `fds` holds those, in that order."""
+
+    def __init__(self, fds: list[int], wanted: list[bool]) -> None:
+        if sum(wanted) != len(fds):
+            raise ValueError("fd count does not match the streams wanted")
+        self.stdin, self.stdout, self.stderr = wanted
+        self._fds = dict(zip([i for i, w in enumerate(wanted) if w], fds, strict=True))
+
+    def connect(self, stdin: MuxStream | None, stdout: MuxStream | None,
+                stderr: MuxStream | None) -> list[asyncio.Future[None]]:
+        outputs = []
+        if stdin is not None:
+            copy_fd_to_stream(self._fds[0], stdin)
+        for index, stream in ((1, stdout), (2, stderr)):
+            if stream is not None:
+                outputs.append(copy_stream_to_fd(stream, self._fds[index]))
+        return outputs
+
+    def close(self) -> None:
+        """The caller sees EOF once we let go of its pipes."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)

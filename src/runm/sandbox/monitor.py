@@ -33,14 +33,11 @@ from runm.net.ports import parse_publish
 from runm.proto import agent as api
 from runm.sandbox import hoststdio
 from runm.sandbox.bundle import load_bundle
-from runm.sandbox.run import bundle_shares, bundle_vm_size
-from runm.sandbox.sandbox import Sandbox
+from runm.sandbox.pod import Pod, PodProcess
 from runm.sandbox.state import StateStore
 from runm.ttrpc import CallContext, Code, Server, TtrpcError, serve_unix
 
 log = logging.getLogger("runm.monitor")
-
-KILLED_BY_VM_EXIT = 137
 
 
 @dataclass
@@ -78,49 +75,25 @@ def attach_socket(run_dir: Path) -> Path:
     return run_dir / "attach.sock"
 
 
-@dataclass
-class Process:
-    exec_id: str
-    guest_pid: int = 0
-    exit_status: int | None = None
-    exited_at_ns: int = 0
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    outputs: list[asyncio.Future[None]] = field(default_factory=list)
-    fds: list[int] = field(default_factory=list)
-
-    def finish(self, status: int, at_ns: int = 0) -> None:
-        if self.exit_status is None:
-            self.exit_status = status
-            self.exited_at_ns = at_ns
-        self.exited.set()
-
-
 class Monitor:
+    """The monitor's service over a one-container pod (see pod.py)."""
+
     def __init__(self, config: MonitorConfig, stdio_fds: list[int]) -> None:
         self.config = config
         self.cid = config.container_id
         self.run_dir = Path(config.run_dir)
         self.store = StateStore(config.root)
         self.stdio_fds = stdio_fds
-        self.sandbox: Sandbox | None = None
+        self.pod = Pod(self.cid, config.image(), self.run_dir, on_exit=self._on_exit)
         self.status = "creating"
-        self.processes: dict[str, Process] = {"": Process("")}
         self.pending_fds: dict[str, tuple[list[int], list[bool]]] = {}
-        self.next_stream = 1
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
-
-    # -- plumbing ----------------------------------------------------------------------
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    def _streams(self, count: int) -> list[int]:
-        ids = list(range(self.next_stream, self.next_stream + 2 * count, 2))
-        self.next_stream += 2 * count
-        return ids
 
     def _set_status(self, status: str) -> None:
         self.status = status
@@ -129,95 +102,26 @@ class Monitor:
             record.status = status
             self.store.save(record)
 
-    @property
-    def agent(self) -> Any:
-        if self.sandbox is None or self.sandbox.agent is None:
-            raise TtrpcError(Code.UNAVAILABLE, "the VM is not running")
-        return self.sandbox.agent
-
-    def _wire(self, proc: Process, fds: list[int], wanted: list[bool],
-              terminal: bool) -> api.Stdio:
-        """Bridge the caller's fds (stdin, stdout, stderr as present) to new mux streams."""
-        assert self.sandbox is not None and self.sandbox.mux is not None
-        mux = self.sandbox.mux
-        stdin_id, stdout_id, stderr_id = self._streams(3)
-        it = iter(fds)
-        has_in, has_out, has_err = wanted
-        stdio = api.Stdio(terminal=terminal)
-        if has_in:
-            stdio.stdin = stdin_id
-            fd = next(it)
-            proc.fds.append(fd)
-            hoststdio.copy_fd_to_stream(fd, mux.open(stdin_id))
-        if has_out:
-            stdio.stdout = stdout_id
-            fd = next(it)
-            proc.fds.append(fd)
-            proc.outputs.append(hoststdio.copy_stream_to_fd(mux.open(stdout_id), fd))
-        if has_err and not terminal:
-            stdio.stderr = stderr_id
-            fd = next(it)
-            proc.fds.append(fd)
-            proc.outputs.append(hoststdio.copy_stream_to_fd(mux.open(stderr_id), fd))
-        return stdio
-
-    async def _watch_process(self, proc: Process) -> None:
-        try:
-            waited = await self.agent.wait_process(self.cid, proc.exec_id)
-            status, at = waited.exit_status, waited.exited_at_ns
-        except (TtrpcError, ConnectionError) as err:
-            log.warning("waiting for %s/%s: %s", self.cid, proc.exec_id or "init", err)
-            status, at = KILLED_BY_VM_EXIT, 0
-        if proc.outputs:
-            await asyncio.gather(*proc.outputs, return_exceptions=True)
-        for fd in proc.fds:  # the caller sees EOF once we let go of its pipes
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        proc.fds.clear()
-        proc.finish(status, at)
-        if not proc.exec_id:
-            self._set_status("stopped")
-
-    async def _watch_vm(self) -> None:
-        assert self.sandbox is not None
-        code = await self.sandbox.vm.wait_exit()
-        if self.done.is_set():
-            return
-        log.warning("VM exited with %d under container %s", code, self.cid)
-        for proc in self.processes.values():
-            proc.finish(KILLED_BY_VM_EXIT)
-        if self.status != "stopped":
+    async def _on_exit(self, proc: PodProcess) -> None:
+        if not proc.exec_id and self.status != "stopped":
             self._set_status("stopped")
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def boot_and_create(self) -> None:
         bundle = load_bundle(self.config.bundle)
-        size = bundle_vm_size(bundle, self.config.image())
-        self.sandbox = Sandbox.create(self.cid, self.config.image(), self.run_dir,
-                                      bundle_shares(bundle), memory_mib=size.memory_mib,
-                                      cpus=size.cpus,
-                                      publish=[parse_publish(p) for p in self.config.publish])
-        await self.sandbox.boot()
-        init = self.processes[""]
-        wanted = [True, True, not self.config.terminal]
-        stdio = self._wire(init, self.stdio_fds, wanted, self.config.terminal)
-        try:
-            init.guest_pid = await self.agent.create_container(
-                self.cid, self.config.bundle, stdio, no_pivot=self.config.no_pivot,
-                vm_network=self.sandbox.vm_network)
-        except TtrpcError as err:
-            raise RunmError(err.message) from None
-        self._spawn(self._watch_process(init))
-        self._spawn(self._watch_vm())
+        terminal = self.config.terminal
+        io = hoststdio.FdIO(self.stdio_fds, [True, True, not terminal])
+        await self.pod.create(self.cid, bundle, io, terminal=terminal,
+                              no_pivot=self.config.no_pivot,
+                              publish=[parse_publish(p) for p in self.config.publish])
         self.status = "created"
 
     async def close(self) -> None:
         self.done.set()
         for task in list(self.tasks):
             task.cancel()
-        if self.sandbox is not None:
-            await self.sandbox.close()
+        await self.pod.close()
 
     # -- the service -------------------------------------------------------------------
 
@@ -239,14 +143,17 @@ class Monitor:
         for name, (request_type, handler) in methods.items():
             server.register_unary(api.MONITOR_SERVICE, name, request_type, handler)
 
-    def _process(self, exec_id: str) -> Process:
-        proc = self.processes.get(exec_id)
+    def _process(self, exec_id: str) -> PodProcess:
+        container = self.pod.containers.get(self.cid)
+        proc = None
+        if container is not None:
+            proc = container.execs.get(exec_id) if exec_id else container.init
         if proc is None:
             raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} does not exist")
         return proc
 
     async def state(self, req: api.ContainerRequest, ctx: CallContext) -> api.MonitorState:
-        init = self.processes[""]
+        init = self._process("")
         return api.MonitorState(status=self.status, exit_status=init.exit_status or 0,
                                 guest_pid=init.guest_pid, exited_at_ns=init.exited_at_ns)
 
@@ -255,7 +162,7 @@ class Monitor:
             raise TtrpcError(Code.FAILED_PRECONDITION,
                              "cannot start a container that has stopped" if self.status ==
                              "stopped" else f"cannot start an already {self.status} container")
-        await self.agent.start_container(self.cid)
+        await self.pod.start(self.cid)
         if self.status == "created":
             self._set_status("running")
         return api.Empty()
@@ -264,7 +171,7 @@ class Monitor:
         proc = self._process(req.exec_id)
         if proc.exited.is_set() or (self.status == "stopped" and not req.exec_id):
             raise TtrpcError(Code.NOT_FOUND, "container not running")
-        await self.agent.signal_process(self.cid, req.signal, exec_id=req.exec_id, all=req.all)
+        await self.pod.kill(self.cid, req.signal, exec_id=req.exec_id, all=req.all)
         return api.Empty()
 
     async def wait(self, req: api.ProcessRequest, ctx: CallContext) -> api.WaitResponse:
@@ -278,57 +185,48 @@ class Monitor:
             raise TtrpcError(Code.FAILED_PRECONDITION, "cannot exec in a stopped container"
                              if self.status == "stopped" else
                              f"cannot exec in a {self.status} container")
-        if req.exec_id in self.processes:
+        container = self.pod.container(self.cid)
+        if req.exec_id in container.execs:
             raise TtrpcError(Code.ALREADY_EXISTS, f"exec id {req.exec_id} already exists")
         fds, wanted = self.pending_fds.pop(req.exec_id, ([], [False, False, False]))
         terminal = bool(req.stdio and req.stdio.terminal)
-        proc = Process(req.exec_id)
-        stdio = self._wire(proc, fds, wanted, terminal)
-        try:
-            proc.guest_pid = await self.agent.exec_process(self.cid, req.exec_id,
-                                                           req.process_json, stdio)
-        except TtrpcError:
-            for fd in proc.fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
-        self.processes[req.exec_id] = proc
-        self._spawn(self._watch_process(proc))
+        proc = await self.pod.exec(self.cid, req.exec_id, req.process_json,
+                                   hoststdio.FdIO(fds, wanted), terminal)
         return api.ProcessResponse(pid=proc.guest_pid)
 
     async def resize(self, req: api.ResizeRequest, ctx: CallContext) -> api.Empty:
-        await self.agent.resize_pty(self.cid, req.rows, req.cols, exec_id=req.exec_id)
+        await self.pod.resize(self.cid, req.exec_id, req.rows, req.cols)
         return api.Empty()
 
     async def pause(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
         if self.status != "running":
             raise TtrpcError(Code.FAILED_PRECONDITION, "container not running")
-        await self.agent.pause_container(self.cid)
+        await self.pod.pause(self.cid)
         self._set_status("paused")
         return api.Empty()
 
     async def resume(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:
         if self.status != "paused":
             raise TtrpcError(Code.FAILED_PRECONDITION, "container not paused")
-        await self.agent.resume_container(self.cid)
+        await self.pod.resume(self.cid)
         self._set_status("running")
         return api.Empty()
 
     async def ps(self, req: api.ContainerRequest, ctx: CallContext) -> api.PsResponse:
         if self.status == "stopped":
             return api.PsResponse()
-        return api.PsResponse(pids=await self.agent.list_processes(self.cid))
+        return api.PsResponse(pids=await self.pod.pids(self.cid))
 
     async def stats(self, req: api.ContainerRequest, ctx: CallContext) -> api.JsonMessage:
         if self.status not in ("running", "paused"):
             raise TtrpcError(Code.FAILED_PRECONDITION,
                              f"container with id {self.cid} is not running")
-        return api.JsonMessage(id=self.cid, json=await self.agent.stats(self.cid))
+        return api.JsonMessage(id=self.cid, json=await self.pod.stats(self.cid))
 
     async def update(self, req: api.JsonMessage, ctx: CallContext) -> api.Empty:
         if self.status == "stopped":
             raise TtrpcError(Code.FAILED_PRECONDITION, "container not running")
-        await self.agent.update(self.cid, req.json)
+        await self.pod.update(self.cid, req.json)
         return api.Empty()
 
     async def delete(self, req: api.DeleteRequest, ctx: CallContext) -> api.Empty:
@@ -336,9 +234,7 @@ class Monitor:
             raise TtrpcError(Code.FAILED_PRECONDITION,
                              f"cannot delete container {self.cid} that is not stopped: "
                              f"{self.status}")
-        if self.sandbox is not None and not self.sandbox.vm.exited():
-            with contextlib.suppress(TtrpcError, ConnectionError):
-                await self.agent.delete_container(self.cid, force=True)
+        await self.pod.remove(self.cid)  # the last container out stops the VM
         asyncio.get_running_loop().call_soon(self.done.set)
         return api.Empty()
 

@@ -26,7 +26,7 @@ from runm.sandbox.bundle import Bundle
 from runm.sandbox.run import bundle_vm_size
 from runm.sandbox.sandbox import RESTORE_TIMEOUT, Sandbox
 from runm.ttrpc import Code, TtrpcError
-from runm.vm.base import Share, VMError
+from runm.vm.base import PortForward, Share, VMError
 
 log = logging.getLogger("runm.pod")
 
@@ -135,15 +135,18 @@ class Pod:
     # -- containers --------------------------------------------------------------------
 
     async def create(self, cid: str, bundle: Bundle, io: ProcessIO, *, terminal: bool = False,
-                     no_pivot: bool = False) -> PodProcess:
-        """Create the container in the VM (booting the VM for the first one)."""
+                     no_pivot: bool = False,
+                     publish: list[PortForward] | None = None) -> PodProcess:
+        """Create the container in the VM (booting the VM for the first one, with the ports
+        in publish, by default those of the bundle's annotation)."""
         async with self._lock:
             if self.closed:
                 raise RunmError("the pod's VM has stopped")
             shares = self._shares_for(bundle)
             if self.sandbox is None:
                 size = bundle_vm_size(bundle, self.image)
-                publish = resolve_publish([], bundle.annotations)
+                if publish is None:
+                    publish = resolve_publish([], bundle.annotations)
                 self.sandbox = Sandbox.create(self.name, self.image, self.run_dir, shares,
                                               memory_mib=size.memory_mib, cpus=size.cpus,
                                               publish=publish)
@@ -158,10 +161,12 @@ class Pod:
                 await self._add_shares(shares)
             proc = PodProcess(cid, "", io, terminal=terminal)
             stdio = self._wire(proc)
+            sandbox = next(iter(self.containers.values()), None)  # the pod's first
             try:
                 proc.guest_pid = await self.agent.create_container(
                     cid, str(bundle.path), stdio, no_pivot=no_pivot,
-                    vm_network=self.sandbox.vm_network)
+                    vm_network=self.sandbox.vm_network,
+                    pid_alias=(self.pid, sandbox.init.guest_pid) if sandbox else (0, 0))
             except TtrpcError as err:
                 io.close()
                 raise RunmError(err.message) from None
@@ -253,6 +258,8 @@ class Pod:
             await self._close()
 
     async def _close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         for task in list(self._tasks):
             task.cancel()
