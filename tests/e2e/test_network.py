@@ -10,6 +10,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,12 +99,12 @@ while True:
 
 
 @pytest.fixture(scope="module")
-def python_rootfs(guest_image: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def python_rootfs(guest_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root filesystem with python3: the guest image's root, extracted."""
     import subprocess
 
     target = tmp_path_factory.mktemp("pyroot") / "rootfs"
-    subprocess.run(["fsck.erofs", f"--extract={target}", str(getattr(guest_image, "rootfs"))],
+    subprocess.run(["fsck.erofs", f"--extract={target}", str(guest_image.rootfs)],
                    check=True, capture_output=True)
     return target
 
