@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from runm.proto.network import GATEWAY
+from runm.proto.network import DNS, GATEWAY
 from runm.sandbox.spec import make_busybox_bundle
 from tests.conftest import Runm, wait_until
 
@@ -140,6 +140,35 @@ def test_udp_and_tcp_ports_published_together(runm: Runm, tmp_path: Path,
     finally:
         runm.run("delete", "-f", "servers")
     assert udp_echo(udp, b"gone") is None
+
+
+OUTSIDE = """
+import socket
+print(socket.gethostbyname("deb.debian.org"))
+s = socket.create_connection(("deb.debian.org", 80), timeout=20)
+s.sendall(b"HEAD / HTTP/1.0\\r\\nHost: deb.debian.org\\r\\n\\r\\n")
+print(s.recv(64).split(b" ")[0].decode())
+"""
+
+
+def test_names_resolve_and_the_outside_is_reached_through_the_host(
+        runm: Runm, tmp_path: Path, python_rootfs: Path) -> None:
+    """slirp's DNS forwarder (10.0.2.3) asks the host's resolver; connections go out through
+    the host's NAT. (deb.debian.org: the one outside name these machines can reach.)"""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {DNS}\n")
+    b = make_busybox_bundle(tmp_path / "out", ["python3", "-c", OUTSIDE])
+    config = json.loads((b / "config.json").read_text())
+    config["root"] = {"path": str(python_rootfs), "readonly": True}
+    config["process"]["env"] = ["PATH=/usr/bin:/bin"]
+    config["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind",
+                             "source": str(resolv), "options": ["rbind", "ro"]})
+    (b / "config.json").write_text(json.dumps(config))
+    result = runm.run("run", "-b", str(b), "outside")
+    assert result.returncode == 0, result.stderr.decode()
+    address, status = result.stdout.decode().split()
+    socket.inet_aton(address)  # an IPv4 address, resolved in the container
+    assert status.startswith("HTTP/"), "an answer from outside"
 
 
 def test_a_taken_host_port_is_a_clear_error_before_any_vm(runm: Runm, tmp_path: Path) -> None:
