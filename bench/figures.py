@@ -589,51 +589,38 @@ def free_port() -> int:
 def net(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     fig = Figure("net", f"HTTP through a published port: {HTTP_REQUESTS} sequential GETs of a "
                         "1 KiB page from busybox httpd, a new connection each")
-    runm = fig.measure("runm", "runm: httpd in a container, `-p 127.0.0.1:PORT:80` (QEMU's "
-                               "user-mode network, slirp: the default)", Kind.REQUESTS)
-    passt = fig.measure("passt", "runm with `[vm] network = \"passt\"`: the same through "
-                                 "passt", Kind.REQUESTS, short="passt")
+    runm = fig.measure("runm", "runm: httpd in a container, `-p 127.0.0.1:PORT:80` (QEMU "
+                               "user-mode network)", Kind.REQUESTS)
     native = fig.measure("native", "native: the same busybox httpd on the host",
                          Kind.REQUESTS, short="native httpd")
-    fig.lines.append(Line("runm", ["native", "passt"]))
-    fig.lines.append(Line("passt", ["native"]))
-    config = h.work / "passt.toml"
-    config.write_text('[vm]\nnetwork = "passt"\n')
-    servers = [(runm, free_port(), {}), (passt, free_port(), {"RUNM_CONFIG": str(config)})]
-    nport = free_port()
+    fig.lines.append(Line("runm", ["native"]))
+    rport, nport = free_port(), free_port()
     bundle = h.bundle("httpd", ["sh", "-c", HTTPD_SCRIPT.format(port=80)], writable=True)
-    ids = [h.new_id("httpd") for _ in servers]
-    for rid in ids:
-        h.track(runm_id=rid)
+    rid = h.new_id("httpd")
+    h.track(runm_id=rid)
     server = None
     try:
-        started = [h.timed(h.runm_cli("run", "-d", "-p", f"127.0.0.1:{port}:80",
-                                      "--bundle", str(bundle), rid), rid, extra_env=env)
-                   for (_, port, env), rid in zip(servers, ids, strict=True)]
+        started = h.timed(h.runm_cli("run", "-d", "-p", f"127.0.0.1:{rport}:80",
+                                     "--bundle", str(bundle), rid), rid)
         www = h.work / "www"
         www.mkdir(exist_ok=True)
         (www / "index.html").write_bytes(bytes(1024))
         server = h.spawn(["busybox", "httpd", "-f", "-p", f"127.0.0.1:{nport}", "-h", str(www)],
                          h.new_id("httpd-native"))
         for counted, tag in cfg.rounds():
-            results = [http_rate(port, HTTP_REQUESTS, 120) if s.ok else
-                       RunResult(error=f"run -d failed: {s.error}")
-                       for (_, port, _), s in zip(servers, started, strict=True)]
+            r = http_rate(rport, HTTP_REQUESTS, 120) if started.ok else \
+                RunResult(error=f"run -d failed: {started.error}")
             n = http_rate(nport, HTTP_REQUESTS, 30)
-            log(f"[net {tag}] " + " | ".join(
-                f"{tag_} {_brief(r, f'{sig(r.wall)} req/s')}"
-                for tag_, r in zip(("slirp", "passt"), results, strict=True)) +
-                f" | native {_brief(n, f'{sig(n.wall)} req/s')}")
+            log(f"[net {tag}] runm {_brief(r, f'{sig(r.wall)} req/s')} | native "
+                f"{_brief(n, f'{sig(n.wall)} req/s')}")
             if counted:
-                for (measure, _, _), r in zip(servers, results, strict=True):
-                    measure.add(r.wall if r.ok else None, r.error)
+                runm.add(r.wall if r.ok else None, r.error)
                 native.add(n.wall if n.ok else None, n.error)
     finally:
         if server is not None:
             stop_process(server)
-        for rid in ids:
-            h.timed(h.runm_cli("delete", "--force", rid), h.new_id("httpd-delete"))
-    fig.notes.append("client: Python urllib in the bench process, one request at a time; each "
+        h.timed(h.runm_cli("delete", "--force", rid), h.new_id("httpd-delete"))
+    fig.notes.append("client: Python urllib in the bench process, one request at a time; the "
                      "container is started with `run -d` once for all rounds")
     return fig
 

@@ -171,11 +171,10 @@ class Harness:
     # -- one-shot runs -----------------------------------------------------------------
 
     def timed(self, argv: Sequence[str], name: str, timings: bool = False,
-              snapshot: bool = True, extra_env: dict[str, str] | None = None) -> RunResult:
+              snapshot: bool = True) -> RunResult:
         """Wall clock of one process with stdin and stdout on /dev/null (snapshot=False:
-        runm boots its VM cold; extra_env: more environment for it)."""
+        runm boots its VM cold)."""
         env, tpath = self._timings_env(name) if timings else (dict(self.env), None)
-        env.update(extra_env or {})
         if not snapshot:
             env["RUNM_SNAPSHOT"] = "0"
         t0 = time.perf_counter()

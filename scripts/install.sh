@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 
 APT_PACKAGES=(qemu-system-x86 runc busybox-static erofs-utils squashfs-tools mmdebstrap lz4
-              ca-certificates python3 python3-venv passt)
+              ca-certificates python3 python3-venv)
 # --dev: the real callers the end-to-end tests drive (tests/e2e/callers.py). The fixtures start
 # private daemons of their own and never use (or conflict with) system-wide ones.
 DEV_APT_PACKAGES=(podman conmon containerd docker.io)

@@ -26,7 +26,7 @@ def _entries(path: Path) -> set[str]:
 
 # What other runm users on this host had before the suite started (not ours to judge).
 VM_RUN_DIRS_BEFORE = _entries(VM_RUN_DIR)
-LEAK_PATTERNS = ("qemu-system", "virtiofsd", "passt")
+LEAK_PATTERNS = ("qemu-system", "virtiofsd")
 LEAK_MODULES = ("runm.sandbox.monitor", "runm.sandbox.standin", "runm.sandbox.pool",
                 "runm.shim.main")
 

@@ -16,7 +16,7 @@ import pytest
 
 from runm.proto.network import DNS, GATEWAY
 from runm.sandbox.spec import make_busybox_bundle
-from tests.conftest import Runm, vm_processes, wait_until
+from tests.conftest import Runm, wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
 
@@ -151,14 +151,10 @@ print(s.recv(64).split(b" ")[0].decode())
 """
 
 
-@pytest.mark.parametrize("network", ["slirp", "passt"])
 def test_names_resolve_and_the_outside_is_reached_through_the_host(
-        runm: Runm, tmp_path: Path, python_rootfs: Path, network: str) -> None:
-    """The DNS forwarder at 10.0.2.3 asks the host's resolver; connections go out through
-    the host. (deb.debian.org: the one outside name these machines can reach.)"""
-    config_file = tmp_path / "config.toml"
-    config_file.write_text(f'[vm]\nnetwork = "{network}"\n')
-    runm.env["RUNM_CONFIG"] = str(config_file)
+        runm: Runm, tmp_path: Path, python_rootfs: Path) -> None:
+    """slirp's DNS forwarder (10.0.2.3) asks the host's resolver; connections go out through
+    the host's NAT. (deb.debian.org: the one outside name these machines can reach.)"""
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(f"nameserver {DNS}\n")
     b = make_busybox_bundle(tmp_path / "out", ["python3", "-c", OUTSIDE])
@@ -173,28 +169,6 @@ def test_names_resolve_and_the_outside_is_reached_through_the_host(
     address, status = result.stdout.decode().split()
     socket.inet_aton(address)  # an IPv4 address, resolved in the container
     assert status.startswith("HTTP/"), "an answer from outside"
-
-
-def test_passt_instead_of_slirp(runm: Runm, tmp_path: Path) -> None:
-    """`[vm] network = "passt"`: published ports, the gateway and DNS work the same way."""
-    config = tmp_path / "config.toml"
-    config.write_text('[vm]\nnetwork = "passt"\n')
-    runm.env["RUNM_CONFIG"] = str(config)
-    port = free_port()
-    b = make_busybox_bundle(tmp_path / "httpd", ["sh", "-c", HTTPD])
-    result = runm.run_detached("run", "-d", "-p", f"127.0.0.1:{port}:80", "-b", str(b),
-                               "pweb")
-    assert result.returncode == 0, result.stderr.decode()
-    try:
-        passts = [c for c in vm_processes().values() if c.startswith("/usr/bin/passt")
-                  and str(tmp_path) in c]
-        assert len(passts) == 1, "the VM's network is passt's"
-        url = f"http://127.0.0.1:{port}/"
-        assert wait_until(lambda: fetch(url) is not None, timeout=60), "httpd never answered"
-        assert fetch(url) == b"hello from httpd\n"
-    finally:
-        runm.run("delete", "-f", "pweb")
-    assert fetch(f"http://127.0.0.1:{port}/") is None
 
 
 def test_a_taken_host_port_is_a_clear_error_before_any_vm(runm: Runm, tmp_path: Path) -> None:

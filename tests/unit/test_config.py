@@ -37,10 +37,9 @@ def test_a_missing_default_file_means_defaults(tmp_path: Path) -> None:
 def test_a_full_file_is_read(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("[vm]\nmemory_mib = 1024\ncpus = 1\noverhead_mib = 0\n"
-                    "max_memory_mib = 4096\nmax_cpus = 4\nnetwork = 'passt'\n"
-                    "[snapshot]\nenabled = false\n")
+                    "max_memory_mib = 4096\nmax_cpus = 4\n[snapshot]\nenabled = false\n")
     config = load_config(path, required=True)
-    assert config.vm == VMDefaults(1024, 1, 0, 4096, 4, "passt")
+    assert config.vm == VMDefaults(1024, 1, 0, 4096, 4)
     assert config.snapshots is False
 
 
@@ -55,7 +54,6 @@ def test_a_full_file_is_read(tmp_path: Path) -> None:
     ("[vm]\nmemory_mib = 8192\nmax_memory_mib = 1024\n", "is above vm.max_memory_mib"),
     ("[snapshot]\nenabled = 'no'\n", "snapshot.enabled must be true or false"),
     ("[snapshot]\nkeep = 1\n", "unknown key 'snapshot.keep'"),
-    ("[vm]\nnetwork = 'tap'\n", "vm.network must be one of 'slirp', 'passt', not 'tap'"),
     ("[vm\n", "config"),
 ])
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -24,7 +24,6 @@ CONFIG_ENV = "RUNM_CONFIG"
 MEMORY_ANNOTATION = "io.runm.vm.memory_mib"
 CPUS_ANNOTATION = "io.runm.vm.cpus"
 MIN_MEMORY_MIB = 128
-NETWORKS = ("slirp", "passt")
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,6 @@ class VMDefaults:
     overhead_mib: int = 192  # guest kernel, agent, runc: added to the spec's memory limit
     max_memory_mib: int = 16384
     max_cpus: int = os.cpu_count() or 1
-    network: str = "slirp"  # user-mode network: "slirp" (in QEMU) or "passt"
 
 
 @dataclass(frozen=True)
@@ -102,16 +100,10 @@ def _table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
 
 def _parse_vm(table: dict[str, Any], where: str) -> VMDefaults:
     known = {f.name for f in fields(VMDefaults)}
-    values: dict[str, Any] = {}
+    values: dict[str, int] = {}
     for key, value in table.items():
         if key not in known:
             raise RunmError(f"{where}: unknown key 'vm.{key}' (known: {', '.join(sorted(known))})")
-        if key == "network":
-            if value not in NETWORKS:
-                raise RunmError(f"{where}: vm.network must be one of "
-                                f"{', '.join(map(repr, NETWORKS))}, not {value!r}")
-            values[key] = value
-            continue
         least = MIN_MEMORY_MIB if key.endswith("memory_mib") else \
             0 if key in ("overhead_mib", "cpus") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

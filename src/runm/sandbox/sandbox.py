@@ -132,14 +132,13 @@ class Sandbox:
                memory_mib: int = 0, cpus: int = 0,
                publish: list[PortForward] | None = None) -> Sandbox:
         """A sandbox for a VM of the given size (0: the config file's default size)."""
-        defaults = load_config().vm
         if not memory_mib or not cpus:
+            defaults = load_config().vm
             memory_mib = memory_mib or defaults.memory_mib
             cpus = cpus or defaults.cpus or default_cpus(choose_accelerator(image.kernel))
         config = VMConfig(name=name, kernel=image.kernel, initrd=image.initrd,
                           rootfs=image.rootfs, run_dir=run_dir, memory_mib=memory_mib,
-                          cpus=cpus, shares=shares, publish=list(publish or []),
-                          network=defaults.network)
+                          cpus=cpus, shares=shares, publish=list(publish or []))
         return cls(QemuVM(config), shares, image)
 
     async def boot(self, timings: Timings | None = None) -> None:
@@ -172,8 +171,6 @@ class Sandbox:
         """Take a paused, warmed-up guest from the pool, if it has one for this machine."""
         from runm.sandbox import pool
 
-        if self.vm.config.network == "passt" and self.vm.config.publish:
-            return False  # a pooled VM's passt was started without our ports
         began = time.monotonic()
         qemu_pid, fds = pool.claim(run_base(), snapshot, self.vm.run_dir)
         try:

@@ -182,7 +182,7 @@ async def _make_snapshot(image: GuestImage, like: VMConfig, accel: str, folder: 
     config = VMConfig(name="runm-template", kernel=image.kernel, initrd=image.initrd,
                       rootfs=image.rootfs, run_dir=run_dir, memory_mib=like.memory_mib,
                       cpus=like.cpus, ports=like.ports, kernel_args=list(like.kernel_args),
-                      accel=accel, memory_file=folder / "ram", network=like.network)
+                      accel=accel, memory_file=folder / "ram")
     vm = QemuVM(config)
     try:
         try:

@@ -63,7 +63,6 @@ class VMConfig:
     # Start from this snapshot instead of booting (RAM from a private copy of its file).
     restore: SnapshotFiles | None = None
     publish: list[PortForward] = field(default_factory=list)
-    network: str = "slirp"  # user-mode network: "slirp" (in QEMU) or "passt"
 
 
 class VirtualMachine(abc.ABC):

@@ -56,14 +56,6 @@ def qemu_binary() -> str:
     return path
 
 
-def passt_binary() -> str:
-    found = shutil.which("passt")
-    if not found:
-        raise VMError("passt not found: install it (apt-get install passt) or use the "
-                      "default network (config [vm] network = \"slirp\")")
-    return found
-
-
 def virtiofsd_binary() -> str:
     for path in VIRTIOFSD_PATHS:
         if os.access(path, os.X_OK):
@@ -156,7 +148,7 @@ class QemuVM(VirtualMachine):
     def machine_signature(self, accel: str) -> str:
         """The VM's devices and boot parameters, without RAM backing, run paths or fds: a
         snapshot restores only into a VM whose signature equals the one it was taken from."""
-        fds = {name: 0 for name in ("qmp", "ram", "net", *self.config.ports)}
+        fds = {name: 0 for name in ("qmp", "ram", *self.config.ports)}
         argv = self._argv(accel, fds, shares=[])
         return " ".join(argv).replace(str(self.run_dir), "$RUN")
 
@@ -183,9 +175,10 @@ class QemuVM(VirtualMachine):
             "-drive", f"file={c.rootfs},format=raw,if=none,id=root0,readonly=on",
             "-device", "virtio-blk-pci,drive=root0,id=rootdisk",
             "-device", "virtio-rng-pci",
-            # User-mode networking (see _netdev): NAT to the host, DNS through the host's
-            # resolver, published ports.
-            "-netdev", self._netdev(fds),
+            # User-mode networking (slirp, in QEMU's process): NAT to the host, DNS through
+            # the host's resolver, ports published with hostfwd_add at run time.
+            "-netdev", f"user,id=net0,net={GUEST_NETWORK},host={network.GATEWAY},"
+                       f"dns={network.DNS},ipv6=off",
             "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile=",
             "-device", "virtio-serial-pci,id=vs0",
         ]
@@ -200,36 +193,6 @@ class QemuVM(VirtualMachine):
         for i in range(HOTPLUG_ROOT_PORTS):
             argv += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}"]
         return argv
-
-    def _netdev(self, fds: dict[str, int]) -> str:
-        """slirp (in QEMU's process; ports published with hostfwd_add at run time) or
-        passt (its own process on a socketpair; ports fixed when it starts)."""
-        if self.config.network == "passt":
-            return f"stream,id=net0,server=off,addr.type=fd,addr.str={fds['net']}"
-        return (f"user,id=net0,net={GUEST_NETWORK},host={network.GATEWAY},"
-                f"dns={network.DNS},ipv6=off")
-
-    def _start_passt(self) -> socket.socket:
-        """Start passt on one end of a socketpair; return QEMU's end."""
-        ours, theirs = socket.socketpair()
-        prefix = GUEST_NETWORK.split("/")[1]
-        argv = [passt_binary(), "--foreground", "--quiet", "--one-off",
-                "--log-file", str(self.run_dir / "passt.log"),
-                "--fd", str(theirs.fileno()), "--ipv4-only", "--address", network.GUEST_ADDRESS,
-                "--netmask", prefix, "--gateway", network.GATEWAY, "--dns", network.DNS,
-                "--dns-forward", network.DNS, "--no-dhcpv6", "--no-ndp", "--no-ra"]
-        for forward in self.config.publish:
-            flag = "--tcp-ports" if forward.protocol == "tcp" else "--udp-ports"
-            where = "" if forward.host_ip in ("", "0.0.0.0") else f"{forward.host_ip}/"
-            argv += [flag, f"{where}{forward.host_port}:{forward.guest_port}"]
-        try:
-            self._helpers.append(_spawn(argv, [theirs.fileno()], self.stderr_path))
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        return ours
 
     def _virtiofsd_socket(self, index: int) -> Path:
         return self.run_dir / f"fs{index}.sock"
@@ -253,10 +216,6 @@ class QemuVM(VirtualMachine):
                 sock = _listen(path)
                 sockets.append(sock)
                 fds[key] = sock.fileno()
-            if c.network == "passt":
-                sock = self._start_passt()
-                sockets.append(sock)
-                fds["net"] = sock.fileno()
             if c.restore is not None:
                 ram_fd = fds["ram"] = private_ram_copy(c.restore.ram, c.memory_mib << 20)
             else:
@@ -318,8 +277,6 @@ class QemuVM(VirtualMachine):
             sock.close()
 
     async def _forward_ports(self) -> None:
-        if self.config.network == "passt":
-            return  # passt was started with them
         for forward in self.config.publish:
             rule = (f"{forward.protocol}:{forward.host_ip}:{forward.host_port}"
                     f"-:{forward.guest_port}")
