@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.conftest import vm_processes, wait_until
+from tests.conftest import fetch, free_port, vm_processes, wait_until
 from tests.e2e.images import busybox_layer
 from tests.e2e.ptyrun import run_on_pty
 
@@ -236,8 +236,15 @@ def test_a_pods_containers_join_the_sandboxs_namespaces(containerd: Containerd) 
 
 
 def test_a_dead_vm_is_a_stopped_task_with_137(containerd: Containerd, events: Events) -> None:
-    containerd.ctr("run", "-d", *RUNTIME, containerd.image, "victim", "sleep", "600",
-                   timeout=180)
+    """(The victim serves HTTP on a port published with runm's annotation, first.)"""
+    port = free_port()
+    containerd.ctr("run", "-d", *RUNTIME, "--annotation",
+                   f"io.runm.publish=127.0.0.1:{port}:80/tcp", containerd.image, "victim",
+                   "sh", "-c", "mkdir /www && echo served > /www/index.html && "
+                   "exec httpd -f -p 80 -h /www", timeout=180)
+    url = f"http://127.0.0.1:{port}/"
+    assert wait_until(lambda: fetch(url) is not None, timeout=60), "httpd never answered"
+    assert fetch(url) == b"served\n"
     pid, _ = task_list(containerd)["victim"]
     os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: task_list(containerd)["victim"][1] == "STOPPED", timeout=30)
