@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.harness import Harness, RunResult, stop_process
 from bench.model import Figure, Line
@@ -22,7 +25,7 @@ from bench.procs import components, tree_cpu_seconds, tree_pss
 from bench.stats import Kind, fmt_value, median_phases, sig, slowest
 
 Log = Callable[[str], None]
-FIGURES = ("cold", "stdio", "memory", "density", "exec", "fs", "net")
+FIGURES = ("cold", "stdio", "memory", "density", "exec", "fs", "net", "shim")
 IDLE_SCRIPT = "trap 'exit 0' TERM; echo ready; sleep 3600 & wait"
 
 
@@ -622,6 +625,74 @@ def net(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         h.timed(h.runm_cli("delete", "--force", rid), h.new_id("httpd-delete"))
     fig.notes.append("client: Python urllib in the bench process, one request at a time; the "
                      "container is started with `run -d` once for all rounds")
+    return fig
+
+
+CONTAINERD_CONFIG = """\
+version = 2
+root = "{dir}/root"
+state = "{dir}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs"]
+[grpc]
+  address = "{dir}/c.sock"
+[ttrpc]
+  address = "{dir}/c.sock.ttrpc"
+"""
+
+
+def _script(path: Path, module: str) -> str:
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} -m {module} \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def shim_start(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
+    fig = Figure("shim", "containerd 1.6: `ctr run --rm --rootfs DIR ID true`, spawn to exit")
+    shim = fig.measure("shim", "runm's shim: --runtime io.containerd.runm.v2", Kind.TIME)
+    via_runc_shim = fig.measure("runc_shim", "containerd's runc shim driving the runm CLI "
+                                             "(--runc-binary)", Kind.TIME,
+                                short="runc shim + runm CLI")
+    native = fig.measure("native", "containerd's runc shim and runc", Kind.TIME,
+                         short="native runc")
+    fig.lines.append(Line("shim", ["native", "runc_shim"]))
+    if not shutil.which("containerd") or not shutil.which("ctr"):
+        fig.not_measured = "containerd and ctr are not installed (scripts/install.sh --dev)"
+        return fig
+    directory = Path(tempfile.mkdtemp(prefix="ctrd-", dir=h.work))
+    (directory / "bin").mkdir()
+    _script(directory / "bin" / "containerd-shim-runm-v2", "runm.shim.main")
+    runm_binary = _script(directory / "bin" / "runm", "runm.cli.main")
+    (directory / "config.toml").write_text(CONTAINERD_CONFIG.format(dir=directory))
+    env = dict(h.env, PATH=f"{directory / 'bin'}:{os.environ.get('PATH', '')}")
+    rootfs = h.bundle("true", ["true"]) / "rootfs"
+    ctr = ["ctr", "--address", str(directory / "c.sock"), "--namespace", "bench"]
+    daemon = h.spawn(["containerd", "--config", str(directory / "config.toml")],
+                     h.new_id("containerd"), env=env)
+    try:
+        ready = time.monotonic() + 30
+        while h.timed([*ctr, "version"], h.new_id("ctr-version")).rc != 0:
+            if time.monotonic() > ready or daemon.poll() is not None:
+                fig.not_measured = "containerd did not start"
+                return fig
+        variants = [(shim, ["--runtime", "io.containerd.runm.v2"]),
+                    (via_runc_shim, ["--runc-binary", runm_binary]),
+                    (native, [])]
+        for counted, tag in cfg.rounds():
+            line = []
+            for measure, flags in variants:
+                cid = h.new_id("ctr")
+                r = h.timed([*ctr, "run", "--rm", *flags, "--rootfs", str(rootfs), cid,
+                             "/bin/true"], cid)
+                line.append(f"{measure.name.split(':')[0]} {_brief(r, f'{r.wall:.2f}s')}")
+                if counted:
+                    measure.add(r.wall if r.ok else None, r.error)
+            log(f"[shim {tag}] " + " | ".join(line))
+    finally:
+        stop_process(daemon)
+    fig.notes.append("a private containerd (no CRI), the busybox rootfs as `--rootfs`; runm "
+                     "starts from its snapshot either way")
     return fig
 
 
