@@ -191,6 +191,18 @@ def test_an_oom_kill_becomes_a_tasks_oom_event(containerd: Containerd, events: E
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit",
                       "/tasks/delete"]
 
+    # a child killed while the init lives on: reported as it happens, not at the end
+    containerd.ctr("run", "-d", *RUNTIME, "--memory-limit", str(64 << 20), containerd.image,
+                   "parent", "sh", "-c", "tail /dev/zero; sleep 600", timeout=180)
+    assert wait_until(lambda: any(t == "/tasks/oom" for t, _ in events.tasks("parent")),
+                      timeout=120), "no /tasks/oom while the task runs"
+    assert task_list(containerd)["parent"][1] == "RUNNING"
+    containerd.ctr("task", "kill", "-s", "SIGKILL", "parent")
+    assert wait_until(lambda: task_list(containerd)["parent"][1] == "STOPPED", timeout=60)
+    containerd.ctr("task", "delete", "parent", timeout=60)
+    containerd.ctr("container", "rm", "parent")
+    assert [t for t, _ in events.tasks("parent")].count("/tasks/oom") == 1
+
 
 def test_tasks_of_one_sandbox_share_a_vm(containerd: Containerd) -> None:
     pod = ["--annotation", f"{SANDBOX_ID}=pod1"]

@@ -48,9 +48,11 @@ class FakePod:
 
     instances: ClassVar[list[FakePod]] = []
 
-    def __init__(self, name: str, image: object, run_dir: Path, on_exit: Any) -> None:
+    def __init__(self, name: str, image: object, run_dir: Path, on_exit: Any,
+                 on_oom: Any) -> None:
         self.name = name
         self.on_exit = on_exit
+        self.on_oom = on_oom
         self.containers: dict[str, FakeContainer] = {}
         self.pid = 4242 + len(FakePod.instances)
         self.calls: list[tuple[str, ...]] = []
@@ -258,6 +260,20 @@ def test_a_task_lifecycle_publishes_events_in_order(tmp_path: Path) -> None:
             assert s.sink.received[0][2] == "containerd.events.TaskCreate"
             await s.call("Shutdown", api.ShutdownRequest("c1"), api.Empty)
             await asyncio.wait_for(s.service.done.wait(), 2)
+
+    run(body)
+
+
+def test_an_oom_kill_while_running_is_published_once(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with shim(tmp_path) as s:
+            await s.create()
+            await s.call("Start", api.TaskRequest("c1"), api.StartResponse)
+            await s.pod.on_oom("c1", 1)  # the pod's OOM watch saw a child killed
+            await s.pod.on_oom("gone", 1)  # a task deleted meanwhile: nothing
+            await s.pod.exit("c1", status=0, ooms=1)  # the same kill, counted again at exit
+            topics = await s.events(4)
+            assert topics == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"]
 
     run(body)
 

@@ -35,6 +35,7 @@ F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 MOUNT_RETRY_INTERVAL = 0.005
 WARM_UP_BUNDLE = "runm-warmup"
+OOM_POLL = 5.0  # seconds between reads of memory.events when inotify says nothing
 
 
 class StreamSource(Protocol):
@@ -88,6 +89,13 @@ class ManagedContainer:
         return 0
 
 
+def _drain_and_wake(fd: int, future: asyncio.Future[None]) -> None:
+    with contextlib.suppress(OSError):
+        os.read(fd, 4096)
+    if not future.done():
+        future.set_result(None)
+
+
 def cgroup_of(pid: int, proc: Path = Path("/proc"), root: Path = Path("/sys/fs/cgroup")
               ) -> Path | None:
     """The cgroup v2 directory of pid ("0::/path" in /proc/PID/cgroup)."""
@@ -120,6 +128,7 @@ class AgentService:
             "StartContainer": (api.ContainerRequest, self.start_container),
             "ExecProcess": (api.ExecProcessRequest, self.exec_process),
             "WaitProcess": (api.ProcessRequest, self.wait_process),
+            "WaitOom": (api.OomWaitRequest, self.wait_oom),
             "SignalProcess": (api.SignalRequest, self.signal_process),
             "ResizePty": (api.ResizeRequest, self.resize_pty),
             "DeleteContainer": (api.DeleteRequest, self.delete_container),
@@ -401,6 +410,39 @@ class AgentService:
         oom_kills = self._container(req.container_id).oom_kills()
         return api.WaitResponse(exit_status=status, exited_at_ns=proc.exited_at_ns,
                                 oom_kills=oom_kills)
+
+    async def wait_oom(self, req: api.OomWaitRequest, ctx: CallContext) -> api.OomWaitResponse:
+        """Long poll: returns when the container's OOM kill count passes req.seen, or its
+        init has exited. memory.events is watched with inotify; polled every OOM_POLL
+        seconds as well, in case a kernel does not notify."""
+        container = self._container(req.container_id)
+        status = container.init.status
+        loop = asyncio.get_running_loop()
+        fd = -1
+        if container.cgroup is not None:
+            with contextlib.suppress(OSError):
+                fd = sysapi.watch_modify(str(container.cgroup / "memory.events"))
+        try:
+            while True:
+                count = container.oom_kills()
+                if status is None or status.done() or count > req.seen:
+                    return api.OomWaitResponse(oom_kills=count,
+                                               exited=status is None or status.done())
+                changed: asyncio.Future[None] = loop.create_future()
+                if fd >= 0:
+                    loop.add_reader(fd, _drain_and_wake, fd, changed)
+                waiters: list[asyncio.Future[Any]] = [changed, asyncio.shield(status)]
+                try:
+                    await asyncio.wait(waiters, timeout=OOM_POLL,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if fd >= 0:
+                        loop.remove_reader(fd)
+                    for waiter in waiters:
+                        waiter.cancel()  # the shield's, not the process's own status
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     async def signal_process(self, req: api.SignalRequest, ctx: CallContext) -> api.Empty:
         proc = self._process(req.container_id, req.exec_id)

@@ -136,3 +136,22 @@ def zero_free_memory(margin: int = 48 << 20, meminfo: str = "/proc/meminfo") -> 
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
     region.close()
     return size
+
+
+IN_MODIFY = 0x2
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+
+def watch_modify(path: str) -> int:
+    """An inotify fd that becomes readable when path is modified (cgroup v2 event files
+    such as memory.events notify that way)."""
+    fd = int(libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+    _check(min(fd, 0), "inotify_init1")  # a descriptor, or -1
+    try:
+        _check(min(int(libc().inotify_add_watch(fd, path.encode(), IN_MODIFY)), 0),
+               f"watching {path}")  # a watch descriptor, or -1
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -117,6 +117,21 @@ class WaitResponse(Message):
 
 
 @dataclass
+class OomWaitRequest(Message):
+    """Answer once the container's cgroup counts more than `seen` OOM kills, or its init
+    has exited (a long poll: the host keeps one open per container)."""
+
+    container_id: str = pfield(1, "string")
+    seen: int = pfield(2, "uint32")
+
+
+@dataclass
+class OomWaitResponse(Message):
+    oom_kills: int = pfield(1, "uint32")
+    exited: bool = pfield(2, "bool")  # the init has exited: no more waits
+
+
+@dataclass
 class SignalRequest(Message):
     container_id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")

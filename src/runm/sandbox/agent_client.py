@@ -54,6 +54,11 @@ class AgentClient:
         return await self._call("WaitProcess", api.ProcessRequest(container_id, exec_id),
                                 api.WaitResponse)
 
+    async def wait_oom(self, container_id: str, seen: int) -> api.OomWaitResponse:
+        """Returns once the container has more than `seen` OOM kills, or its init exited."""
+        return await self._call("WaitOom", api.OomWaitRequest(container_id, seen),
+                                api.OomWaitResponse)
+
     async def signal_process(self, container_id: str, signal: int, exec_id: str = "",
                              all: bool = False) -> None:
         await self._call("SignalProcess", api.SignalRequest(container_id, exec_id, signal, all),

@@ -74,15 +74,18 @@ class PodContainer:
 
 
 ExitCallback = Callable[[PodProcess], Awaitable[None]]
+OomCallback = Callable[[str, int], Awaitable[None]]  # container id, its OOM kills so far
 
 
 class Pod:
     def __init__(self, name: str, image: GuestImage, run_dir: Path,
-                 on_exit: ExitCallback | None = None) -> None:
+                 on_exit: ExitCallback | None = None, on_oom: OomCallback | None = None
+                 ) -> None:
         self.name = name
         self.image = image
         self.run_dir = run_dir
         self.on_exit = on_exit
+        self.on_oom = on_oom
         self.sandbox: Sandbox | None = None
         self.containers: dict[str, PodContainer] = {}
         self._next_stream = 1
@@ -172,6 +175,8 @@ class Pod:
                 raise RunmError(err.message) from None
             self.containers[cid] = PodContainer(cid, bundle, proc)
             self._spawn(self._watch(proc))
+            if self.on_oom is not None:
+                self._spawn(self._watch_oom(cid, self.on_oom))
             return proc
 
     async def _add_shares(self, shares: list[Share]) -> None:
@@ -281,6 +286,21 @@ class Pod:
         if proc.outputs:  # all output reaches the caller before the exit is known
             await asyncio.gather(*proc.outputs, return_exceptions=True)
         await self._finish(proc, status, at, ooms)
+
+    async def _watch_oom(self, cid: str, report: OomCallback) -> None:
+        """Report each OOM kill in the container while its init lives (the agent answers a
+        long poll when memory.events changes)."""
+        seen = 0
+        while True:
+            try:
+                answer = await self.agent.wait_oom(cid, seen)
+            except (TtrpcError, ConnectionError):
+                return  # the container or the VM is gone
+            if answer.oom_kills > seen:
+                seen = answer.oom_kills
+                await report(cid, seen)
+            if answer.exited:
+                return
 
     async def _finish(self, proc: PodProcess, status: int, at_ns: int, oom_kills: int) -> None:
         if proc.exited.is_set():

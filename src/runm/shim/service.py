@@ -177,7 +177,8 @@ class TaskService:
                 image = await self.load_image()
                 run_dir = vm_run_dir(Path("/containerd") / self.namespace, group)
                 pod = self.pods[group] = self.pod_factory(group, image, run_dir,
-                                                          on_exit=self._on_exit)
+                                                          on_exit=self._on_exit,
+                                                          on_oom=self._on_oom)
             init = TaskProcess("", req.stdin, req.stdout, req.stderr, req.terminal, io=io)
             task = Task(req.id, req.bundle, group, pod, init, rootfs_mounted=mounted)
             self.tasks[req.id] = task  # exits may be reported while create returns
@@ -431,6 +432,12 @@ class TaskService:
         if oom_kills > task.oom_kills:
             task.oom_kills = oom_kills
             self.events.publish(api.TaskOOM(container_id=task.id))
+
+    async def _on_oom(self, task_id: str, oom_kills: int) -> None:
+        task = self.tasks.get(task_id)
+        if task is not None:
+            async with self.event_lock:
+                await self._report_oom(task, oom_kills)
 
     async def _on_exit(self, running: PodProcess) -> None:
         task = self.tasks.get(running.container_id)
