@@ -114,7 +114,8 @@ class Pod:
 
     def _shares_for(self, bundle: Bundle) -> list[Share]:
         """Shares for the bundle's directories the VM does not have yet (new tags)."""
-        have = {share.host_path for share in self.sandbox.shares} if self.sandbox else set()
+        vm = self.sandbox.vm.config if self.sandbox else None
+        have = {share.host_path for share in vm.shares} if vm else set()  # with hot-plugged
         shares = []
         for path in bundle.shared_dirs():
             if path not in have:

@@ -127,16 +127,15 @@ def action_start(args: argparse.Namespace) -> int:
 
 def action_delete(args: argparse.Namespace) -> int:
     """Cleanup after a task whose shim went away (or a normal one's last step)."""
-    from runm.sandbox.sandbox import vm_run_dir
     from runm.shim import rootfs
+    from runm.shim.service import pod_run_dir
 
     bundle = Path(args.bundle or os.getcwd())
     asyncio.run(rootfs.unmount(bundle / "rootfs"))
     group = _group_of(bundle, args.id)
     shim = Path(socket_address(args.address, args.namespace, group).removeprefix("unix://"))
     if not _alive(shim):  # its VMs died with it; their run dir may be left
-        shutil.rmtree(vm_run_dir(Path("/containerd") / args.namespace, group),
-                      ignore_errors=True)
+        shutil.rmtree(pod_run_dir(args.namespace, group), ignore_errors=True)
         shim.unlink(missing_ok=True)
     response = api.DeleteResponse(exit_status=137, exited_at=api.Timestamp.now())
     sys.stdout.buffer.write(response.encode())

@@ -95,6 +95,11 @@ class Task:
         return proc
 
 
+def pod_run_dir(namespace: str, group: str) -> Path:
+    """The run dir of the VM of a containerd pod (also what `delete` cleans up)."""
+    return vm_run_dir(Path("/containerd") / namespace, group)
+
+
 def _exited_at(ns: int) -> api.Timestamp | None:
     return api.Timestamp.from_ns(ns) if ns else None
 
@@ -175,7 +180,7 @@ class TaskService:
             pod = self.pods.get(group)
             if pod is None:
                 image = await self.load_image()
-                run_dir = vm_run_dir(Path("/containerd") / self.namespace, group)
+                run_dir = pod_run_dir(self.namespace, group)
                 pod = self.pods[group] = self.pod_factory(group, image, run_dir,
                                                           on_exit=self._on_exit,
                                                           on_oom=self._on_oom)
