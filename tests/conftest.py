@@ -30,6 +30,7 @@ def _entries(path: Path) -> set[str]:
 VM_RUN_DIRS_BEFORE = _entries(VM_RUN_DIR)
 LEAK_PATTERNS = ("qemu-system", "virtiofsd")
 LEAK_MODULES = ("runm.sandbox.monitor", "runm.sandbox.standin", "runm.sandbox.pool",
+                "runm.sandbox.poolwait",
                 "runm.shim.main")
 
 

@@ -5,14 +5,13 @@ translated for the first time. A pool member has already run a throwaway contain
 that takes it only resumes the VM, plugs in its shares and runs runc on warm paths.
 
 Each member is a *keeper* process (`python -m runm.sandbox.pool keep RUN_DIR`, its own
-session) that restores a VM in RUN_DIR under the run base, warms it up (agent WarmUp), ends its
-agent session (Quiesce) and waits on RUN_DIR/pool.sock, with the VM idle (not paused: see
-Sandbox.detach). A start claims it by sending its pid and the run dir it wants; the keeper
-renames RUN_DIR to that (QEMU's sockets are bound, so they move with it) and answers with
-QEMU's pid and, as SCM_RIGHTS, its still-connected agent and stdio sockets: the guest never
-sees its host go away. From then on the taker drives the VM as one it started, and the keeper
-only watches: it kills the VM if the taker dies, and exits when the VM does. QEMU is the
-keeper's child (PDEATHSIG), so nothing outlives the keeper either.
+session) that restores a VM in RUN_DIR under the run base, warms it up (agent WarmUp) and ends
+its agent session (Quiesce), with the VM left idle (not paused: see Sandbox.detach). Then it
+execs runm.sandbox.poolwait, a small standard-library program that holds the VM's connections
+while it waits on RUN_DIR/pool.sock for a start to claim it (the protocol is described there):
+the guest never sees its host go away, and a waiting member does not carry the ~15 MiB of the
+interpreter that prepared it. QEMU is the keeper's child (PDEATHSIG) through both lives, so
+nothing outlives the keeper.
 
 The pool is off unless a size is set (`runm pool fill N` writes RUN_BASE/pool-size); every
 claim refills it in the background.
@@ -34,17 +33,18 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from runm.sandbox.poolwait import CLAIM_SOCKET, CLAIM_TIMEOUT, LOG_FILE, MEMBER_FILE, write_member
 from runm.vm.base import IO_PORT, SnapshotFiles
+
+if TYPE_CHECKING:
+    from runm.sandbox.sandbox import Sandbox
 
 log = logging.getLogger("runm.pool")
 
 MEMBER_PREFIX = "pool-"
-MEMBER_FILE = "pool.json"
-CLAIM_SOCKET = "pool.sock"
 SIZE_FILE = "pool-size"
-CLAIM_TIMEOUT = 5.0
 WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
 # Keepers (and so their QEMU) prepare VMs at this niceness: refilling the pool must not slow
 # down the start that just took a member. A taken VM gets normal priority back.
@@ -60,10 +60,7 @@ class Member:
     qemu_pid: int = 0
 
     def write(self) -> None:
-        tmp = self.run_dir / f".{MEMBER_FILE}.tmp"
-        tmp.write_text(json.dumps({"state": self.state, "key": self.key,
-                                   "keeper_pid": self.keeper_pid, "qemu_pid": self.qemu_pid}))
-        tmp.replace(self.run_dir / MEMBER_FILE)
+        write_member(self.run_dir, self.state, self.key, self.keeper_pid, self.qemu_pid)
 
 
 def _alive(pid: int) -> bool:
@@ -175,20 +172,18 @@ def drain(base: Path) -> int:
 
 
 class Keeper:
+    """A member's first life: restore and warm up the VM, then exec into poolwait."""
+
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.claimed = asyncio.Event()
         self.stop = asyncio.Event()
-        self.taker_pid = 0
-        self.qemu_pid = 0
-        self.fds: list[int] = []  # the agent and stdio connections, for the taker
 
     async def run(self) -> int:
+        """Prepare the VM, then become poolwait (on success, this never returns)."""
         from runm.guest.image import GuestImageError, find_image
         from runm.sandbox.sandbox import Sandbox, Timings
 
-        member = Member(self.run_dir, "starting", "", os.getpid())
-        member.write()
+        Member(self.run_dir, "starting", "", os.getpid()).write()
         try:
             image = find_image()
         except GuestImageError as err:
@@ -199,121 +194,43 @@ class Keeper:
         if snapshot is None:
             log.error("no VM snapshot to restore")
             return 1
+        preparing = asyncio.ensure_future(_prepare(sandbox, snapshot))
+        stop = asyncio.ensure_future(self.stop.wait())
         try:
-            await sandbox.start_restored(snapshot, stdio=False)
-            assert sandbox.agent is not None
-            await sandbox.agent.warm_up(timeout=WARM_UP_TIMEOUT)
-            # The taker gets these very connections: the guest never sees its host leave.
-            io = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            io.connect(str(sandbox.vm.port_path(IO_PORT)))
-            self.fds = [await sandbox.detach(), io.detach()]
+            await asyncio.wait({preparing, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            preparing.cancel()
+        try:
+            fds = await preparing
+        except asyncio.CancelledError:
+            log.info("stopped while preparing the pooled VM")
+            await sandbox.close()
+            return 1
         except Exception as err:
             log.error("preparing the pooled VM failed: %s", err)
             await sandbox.close()
             return 1
-        vm_exit = asyncio.ensure_future(sandbox.vm.wait_exit())
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.run_dir / CLAIM_SOCKET))
-        listener.listen(8)
-        listener.setblocking(False)
-        accepting = asyncio.ensure_future(self._serve_claims(listener))
-        self.qemu_pid = sandbox.vm.pid
-        member.state, member.key, member.qemu_pid = "ready", snapshot.ram.parent.name, self.qemu_pid
-        member.write()
-        log.info("pooled VM ready: qemu pid %d", sandbox.vm.pid)
-        stop = asyncio.ensure_future(self.stop.wait())
-        claimed = asyncio.ensure_future(self.claimed.wait())
-        try:
-            await asyncio.wait({vm_exit, stop, claimed}, return_when=asyncio.FIRST_COMPLETED)
-            accepting.cancel()
-            listener.close()
-            _close_all(self.fds)
-            if claimed.done():
-                await self._watch_taker(vm_exit)
-                if not vm_exit.done():
-                    sandbox.vm.kill()  # the taker died without closing it
-                    shutil.rmtree(self.run_dir, ignore_errors=True)
-                return 0
-        finally:
-            for task in (stop, claimed):
-                task.cancel()
-        # Stopped (drain) or the VM died while waiting: the member is ours to clean up.
-        sandbox.vm.kill()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        return 0
-
-    async def _watch_taker(self, vm_exit: asyncio.Future[int]) -> None:
-        loop = asyncio.get_running_loop()
-        gone: asyncio.Future[None] = loop.create_future()
-        try:
-            pidfd = os.pidfd_open(self.taker_pid)
-        except ProcessLookupError:
-            return
-
-        def on_gone() -> None:
-            if not gone.done():
-                gone.set_result(None)
-
-        loop.add_reader(pidfd, on_gone)
-        try:
-            waiters: list[asyncio.Future[Any]] = [vm_exit, gone]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-
-    async def _serve_claims(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while not self.claimed.is_set():
-            conn, _ = await loop.sock_accept(listener)
-            with conn:
-                try:
-                    await asyncio.wait_for(self._on_claim(conn), CLAIM_TIMEOUT)
-                except (OSError, TimeoutError) as err:
-                    log.warning("claim failed: %s", err)
-
-    async def _on_claim(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = await loop.sock_recv(conn, 4096)
-            if not chunk:
-                return
-            data += chunk
-        fds: list[int] = []
-        try:
-            request = json.loads(data)
-            if self.claimed.is_set() or self.stop.is_set():
-                raise ValueError("already taken")
-            target = Path(request["run_dir"])
-            taker = int(request["pid"])
-            os.rename(self.run_dir, target)  # replaces an empty dir; sockets move along
-            self.run_dir = target
-            for name in (MEMBER_FILE, CLAIM_SOCKET):
-                with contextlib.suppress(FileNotFoundError):
-                    (target / name).unlink()
-            self.taker_pid = taker
-            _renice_process(self.qemu_pid, 0)
-            reply: dict[str, object] = {"qemu_pid": self.qemu_pid}
-            fds = self.fds
-            log.info("taken by pid %d into %s", taker, target)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            reply = {"error": str(err)}
-        conn.setblocking(True)  # one small message: it fits the socket buffer
-        socket.send_fds(conn, [json.dumps(reply).encode() + b"\n"], fds)
-        if fds:
-            self.claimed.set()
+        if self.stop.is_set():  # a drain between the last await and now
+            await sandbox.close()
+            return 1
+        # The taker gets these very connections: the guest never sees its host leave.
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, "-m", "runm.sandbox.poolwait",
+                                  str(self.run_dir), str(sandbox.vm.pid),
+                                  snapshot.ram.parent.name, ",".join(map(str, fds))])
 
 
-def _renice_process(pid: int, nice: int) -> None:
-    """Give every thread of pid (vCPUs, I/O) the niceness `nice`."""
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return
-    for tid in threads:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+async def _prepare(sandbox: Sandbox, snapshot: SnapshotFiles) -> list[int]:
+    """Restore and warm up the VM; its agent and stdio connections."""
+    await sandbox.start_restored(snapshot, stdio=False)
+    assert sandbox.agent is not None
+    await sandbox.agent.warm_up(timeout=WARM_UP_TIMEOUT)
+    io = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    io.connect(str(sandbox.vm.port_path(IO_PORT)))
+    return [await sandbox.detach(), io.detach()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     keep.add_argument("run_dir")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    logging.basicConfig(filename=str(run_dir / "keeper.log"), level=logging.INFO,
+    logging.basicConfig(filename=str(run_dir / LOG_FILE), level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("qemu").setLevel(logging.CRITICAL)
 

@@ -1,0 +1,148 @@
+"""A pool member's wait (runm.sandbox.poolwait) with real processes: `sleep` stands in for
+QEMU (a child of the waiter, as QEMU is of the keeper) and socket pairs for its connections."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from runm.sandbox import pool
+from runm.sandbox.poolwait import CLAIM_SOCKET, LOG_FILE, MEMBER_FILE
+from runm.vm.base import SnapshotFiles
+from tests.conftest import wait_until
+
+KEY = "snapkey"
+
+
+def alive(pid: int) -> bool:
+    """True while pid runs (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Member:
+    waiter: subprocess.Popen[bytes]
+    run_dir: Path
+    vm_pid: int
+    peers: list[socket.socket]  # our ends of the connections the waiter holds
+
+    def member_file(self) -> dict[str, object]:
+        return json.loads((self.run_dir / MEMBER_FILE).read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def member(tmp_path: Path) -> Iterator[Member]:
+    base = tmp_path / "base"
+    run_dir = base / f"{pool.MEMBER_PREFIX}abc"
+    run_dir.mkdir(parents=True)
+    pairs = [socket.socketpair() for _ in range(2)]
+    theirs = [a.fileno() for a, _ in pairs]
+    # sh starts the VM stand-in, then becomes the waiter: the stand-in is the waiter's child.
+    script = (f'sleep 600 & exec {sys.executable} -m runm.sandbox.poolwait '
+              f'"$0" $! {KEY} {theirs[0]},{theirs[1]}')
+    waiter = subprocess.Popen(["sh", "-c", script, str(run_dir)], pass_fds=theirs)
+    for a, _ in pairs:
+        a.close()
+    assert wait_until(lambda: (run_dir / MEMBER_FILE).exists())
+    m = Member(waiter, run_dir, 0, [b for _, b in pairs])
+    m.vm_pid = int(m.member_file()["qemu_pid"])  # type: ignore[call-overload]
+    yield m
+    if waiter.poll() is None:
+        waiter.kill()
+        waiter.wait(10)
+    if alive(m.vm_pid):
+        os.kill(m.vm_pid, signal.SIGKILL)
+    for peer in m.peers:
+        peer.close()
+
+
+def test_a_ready_member_is_published(member: Member) -> None:
+    assert member.member_file() == {"state": "ready", "key": KEY,
+                                    "keeper_pid": member.waiter.pid, "qemu_pid": member.vm_pid}
+    assert [m.run_dir for m in pool.members(member.run_dir.parent)] == [member.run_dir]
+    assert (member.run_dir / CLAIM_SOCKET).is_socket()
+    assert "pooled VM ready" in (member.run_dir / LOG_FILE).read_text()
+
+
+def test_a_claim_moves_the_member_and_hands_over_its_connections(member: Member,
+                                                                tmp_path: Path) -> None:
+    target = tmp_path / "c1"
+    snapshot = SnapshotFiles(ram=tmp_path / KEY / "ram", state=tmp_path / KEY / "state")
+    qemu_pid, fds = pool.claim(member.run_dir.parent, snapshot, target)
+    assert qemu_pid == member.vm_pid
+    assert not member.run_dir.exists() and target.is_dir()
+    assert not (target / MEMBER_FILE).exists() and not (target / CLAIM_SOCKET).exists()
+    assert pool.members(member.run_dir.parent) == []  # taken: no longer in the pool
+    for fd, peer in zip(fds, member.peers, strict=True):
+        with socket.socket(fileno=fd) as conn:  # the very connections the waiter held
+            conn.sendall(b"ping")
+            assert peer.recv(4) == b"ping"
+    # The taker (this test) closes the VM: the waiter reaps it and exits, leaving the dir.
+    os.kill(member.vm_pid, signal.SIGKILL)
+    assert member.waiter.wait(10) == 0
+    assert target.is_dir()
+
+
+def test_a_member_restored_from_another_snapshot_is_not_taken(member: Member,
+                                                              tmp_path: Path) -> None:
+    other = SnapshotFiles(ram=tmp_path / "other" / "ram", state=tmp_path / "other" / "state")
+    assert pool.claim(member.run_dir.parent, other, tmp_path / "c1") == (0, [])
+    assert member.member_file()["state"] == "ready"
+
+
+def claim_raw(member: Member, request: bytes) -> tuple[dict[str, object], list[int]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(member.run_dir / CLAIM_SOCKET))
+        sock.sendall(request)
+        data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
+    return json.loads(data), list(fds)
+
+
+def test_a_bad_claim_is_refused_and_the_member_keeps_waiting(member: Member,
+                                                             tmp_path: Path) -> None:
+    reply, fds = claim_raw(member, b'{"pid": "x"}\n')
+    assert "error" in reply and fds == []
+    reply, fds = claim_raw(member, b"not json\n")
+    assert "error" in reply and fds == []
+    assert member.waiter.poll() is None and member.member_file()["state"] == "ready"
+    # A taker that dies takes its VM with it; the waiter cleans up and exits.
+    taker = subprocess.Popen(["sleep", "600"])
+    target = tmp_path / "c2"
+    reply, fds = claim_raw(member, json.dumps({"pid": taker.pid,
+                                               "run_dir": str(target)}).encode() + b"\n")
+    assert reply == {"qemu_pid": member.vm_pid} and len(fds) == 2
+    for fd in fds:
+        os.close(fd)
+    os.kill(member.waiter.pid, signal.SIGTERM)  # taken: stopping is the taker's business
+    taker.kill()
+    taker.wait()
+    assert member.waiter.wait(10) == 0
+    assert not alive(member.vm_pid)
+    assert not target.exists()
+
+
+def test_a_drain_stops_the_waiting_vm_and_removes_the_member(member: Member) -> None:
+    assert pool.drain(member.run_dir.parent) == 1
+    assert member.waiter.wait(10) == 0
+    assert not alive(member.vm_pid)
+    assert not member.run_dir.exists()
+
+
+def test_a_vm_that_dies_while_waiting_takes_the_member_with_it(member: Member) -> None:
+    os.kill(member.vm_pid, signal.SIGKILL)
+    assert member.waiter.wait(10) == 0
+    assert not member.run_dir.exists()
