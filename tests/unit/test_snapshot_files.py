@@ -9,7 +9,7 @@ import pytest
 
 from runm.sandbox.snapshot import PAGE, punch_zero_pages
 from runm.vm.base import VMError
-from runm.vm.qemu import private_ram_copy
+from runm.vm.qemu import empty_ram_copy, fill_ram_copy
 
 
 def make_ram(path: Path) -> bytes:
@@ -60,8 +60,10 @@ def test_private_copy_has_the_same_bytes_and_stays_sparse(tmp_path: Path) -> Non
     content = make_ram(ram)
     with open(ram, "rb+") as f:
         punch_zero_pages(f.fileno())
-    fd = private_ram_copy(ram, len(content))
+    fd = empty_ram_copy(ram, len(content))
     try:
+        assert os.fstat(fd).st_blocks == 0
+        fill_ram_copy(fd, ram)
         assert os.fstat(fd).st_size == len(content)
         assert os.pread(fd, len(content), 0) == content
         assert os.fstat(fd).st_blocks * 512 <= 8 * PAGE
@@ -74,4 +76,4 @@ def test_private_copy_refuses_a_ram_file_of_the_wrong_size(tmp_path: Path) -> No
     ram = tmp_path / "ram"
     ram.write_bytes(bytes(PAGE))
     with pytest.raises(VMError, match="expected 8192"):
-        private_ram_copy(ram, 2 * PAGE)
+        empty_ram_copy(ram, 2 * PAGE)
