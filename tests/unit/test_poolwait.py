@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +147,25 @@ def test_a_vm_that_dies_while_waiting_takes_the_member_with_it(member: Member) -
     os.kill(member.vm_pid, signal.SIGKILL)
     assert member.waiter.wait(10) == 0
     assert not member.run_dir.exists()
+
+
+def test_starts_that_refill_at_once_do_not_overshoot_the_pool_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "base"
+    pool.set_pool_size(base, 2)
+    started: list[list[str]] = []
+    monkeypatch.setattr(pool.subprocess, "Popen", lambda argv, **_: started.append(argv))
+    barrier = threading.Barrier(8)
+
+    def refill() -> None:
+        barrier.wait()
+        pool.refill(base)
+
+    threads = [threading.Thread(target=refill) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(started) == 2
+    assert [m.state for m in pool.members(base)] == ["starting", "starting"]
+    assert pool.refill(base) == 0

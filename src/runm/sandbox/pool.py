@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runm.filelock import hold, open_lock
 from runm.sandbox.poolwait import CLAIM_SOCKET, CLAIM_TIMEOUT, LOG_FILE, MEMBER_FILE, write_member
 from runm.vm.base import IO_PORT, SnapshotFiles
 
@@ -45,6 +46,7 @@ log = logging.getLogger("runm.pool")
 
 MEMBER_PREFIX = "pool-"
 SIZE_FILE = "pool-size"
+REFILL_LOCK = ".pool-refill.lock"
 WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
 # Keepers (and so their QEMU) prepare VMs at this niceness: refilling the pool must not slow
 # down the start that just took a member. A taken VM gets normal priority back.
@@ -140,11 +142,14 @@ def _close_all(fds: list[int]) -> None:
 
 
 def refill(base: Path) -> int:
-    """Start keepers until the pool has its size again; return how many were started."""
-    missing = pool_size(base) - len(members(base))
-    for _ in range(max(0, missing)):
-        start_keeper(base)
-    return max(0, missing)
+    """Start keepers until the pool has its size again; return how many were started.
+    Serialized (a lock file), so starts that claim at once do not overshoot the size."""
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with hold(open_lock(base / REFILL_LOCK)):
+        missing = max(0, pool_size(base) - len(members(base)))
+        for _ in range(missing):
+            start_keeper(base)
+    return missing
 
 
 def start_keeper(base: Path) -> Path:
