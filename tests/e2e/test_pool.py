@@ -101,3 +101,68 @@ def test_without_a_pool_starts_restore_the_snapshot(runm: Runm, tmp_path: Path) 
     assert result.returncode == 0, result.stderr.decode()
     text = log.read_text()
     assert TAKEN not in text and "started from snapshot" in text
+
+
+def mem_total_kib(runm: Runm, bundle: Path, cid: str, log: Path) -> int:
+    result = runm.run("--log", str(log), "run", "-b", str(bundle), cid)
+    assert result.returncode == 0, result.stderr.decode()
+    return int(result.stdout.split()[1])  # "MemTotal: N kB"
+
+
+def test_a_pool_per_memory_size_serves_the_containers_of_that_size(runm: Runm,
+                                                                    tmp_path: Path) -> None:
+    result = runm.run("pool", "fill", "1", "--memory-mib", "256")
+    assert result.returncode == 0, result.stderr.decode()
+    listing = json.loads(runm.run("pool", "list", "--format", "json").stdout)
+    assert listing["sizes"] == {"256": 1}
+    assert [(m["memory_mib"], m["state"]) for m in listing["members"]] == [(256, "ready")]
+    text = runm.run("pool", "list").stdout.decode()
+    assert text.startswith("pool size 1 (1 x 256 MiB), 1 member(s)\n") and " 256 MiB " in text
+    try:
+        # No memory limit: the default size (512 MiB); the 256 MiB member is not for it.
+        b = make_busybox_bundle(tmp_path / "b", ["grep", "MemTotal", "/proc/meminfo"])
+        assert mem_total_kib(runm, b, "big", tmp_path / "big.log") > 400_000
+        assert TAKEN not in (tmp_path / "big.log").read_text()
+        assert len(pool_members(runm)) == 1
+        # A 64 MiB limit plus the 192 MiB overhead: a 256 MiB VM, taken from the pool.
+        config = json.loads((b / "config.json").read_text())
+        config["linux"].setdefault("resources", {})["memory"] = {"limit": 64 << 20}
+        (b / "config.json").write_text(json.dumps(config))
+        assert mem_total_kib(runm, b, "small", tmp_path / "small.log") < 256 * 1024
+        assert TAKEN in (tmp_path / "small.log").read_text()
+        assert wait_until(lambda: [(m["memory_mib"], m["state"]) for m in pool_members(runm)]
+                          == [(256, "ready")], timeout=120), pool_members(runm)
+    finally:
+        assert runm.run("pool", "drain").returncode == 0
+        assert wait_until(lambda: not pool_members(runm), timeout=30)
+
+
+def test_fill_without_a_size_needs_one_in_the_config(runm: Runm) -> None:
+    result = runm.run("pool", "fill")
+    assert result.returncode == 1
+    assert b"no pool size given" in result.stderr
+    result = runm.run("pool", "fill", "--memory-mib", "64", "1")
+    assert result.returncode == 1
+    assert b"invalid --memory-mib 64: must be 128 or more" in result.stderr
+
+
+def test_a_pool_in_the_config_file_is_filled_by_a_start(runm: Runm, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[pool]\nsize = 1\n")
+    runm.env["RUNM_CONFIG"] = str(config)
+    assert json.loads(runm.run("pool", "list", "--format", "json").stdout)["sizes"] == \
+        {"512": 1}
+    assert pool_members(runm) == []  # configured, not filled yet
+    b = make_busybox_bundle(tmp_path / "b", ["true"])
+    try:
+        result = runm.run("run", "-b", str(b), "c1")
+        assert result.returncode == 0, result.stderr.decode()
+        assert wait_until(lambda: [m["state"] for m in pool_members(runm)] == ["ready"],
+                          timeout=120), pool_members(runm)
+        result = runm.run("pool", "fill")  # to the configured size: already there
+        assert result.returncode == 0, result.stderr.decode()
+        assert len(pool_members(runm)) == 1
+    finally:
+        assert runm.run("pool", "drain").returncode == 0
+        assert wait_until(lambda: not pool_members(runm), timeout=30)
+    assert json.loads(runm.run("pool", "list", "--format", "json").stdout)["sizes"] == {}

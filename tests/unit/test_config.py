@@ -41,6 +41,16 @@ def test_a_full_file_is_read(tmp_path: Path) -> None:
     config = load_config(path, required=True)
     assert config.vm == VMDefaults(1024, 1, 0, 4096, 4)
     assert config.snapshots is False
+    assert config.pool_sizes() == {}
+
+
+def test_pool_sizes_per_guest_memory_size(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[vm]\nmemory_mib = 1024\n[pool]\nsize = 2\n"
+                    "[pool.memory_mib]\n256 = 1\n4096 = 0\n")
+    assert load_config(path, required=True).pool_sizes() == {1024: 2, 256: 1}
+    path.write_text("[pool]\nmemory_mib = { 512 = 3 }\n")  # the default size named
+    assert load_config(path, required=True).pool_sizes() == {512: 3}
 
 
 @pytest.mark.parametrize("text,message", [
@@ -54,6 +64,12 @@ def test_a_full_file_is_read(tmp_path: Path) -> None:
     ("[vm]\nmemory_mib = 8192\nmax_memory_mib = 1024\n", "is above vm.max_memory_mib"),
     ("[snapshot]\nenabled = 'no'\n", "snapshot.enabled must be true or false"),
     ("[snapshot]\nkeep = 1\n", "unknown key 'snapshot.keep'"),
+    ("[pool]\nsize = -1\n", "pool.size must be an integer >= 0, not -1"),
+    ("[pool]\nsizes = 1\n", "unknown key 'pool.sizes'"),
+    ("[pool]\nmemory_mib = 1024\n", "pool.memory_mib must be a table"),
+    ("[pool.memory_mib]\n1G = 1\n", "pool.memory_mib: '1G' is not a memory size"),
+    ("[pool.memory_mib]\n64 = 1\n", "pool.memory_mib: '64' is not a memory size in MiB >= 128"),
+    ("[pool.memory_mib]\n256 = 'two'\n", "pool.memory_mib.256 must be an integer >= 0"),
     ("[vm\n", "config"),
 ])
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -22,6 +22,7 @@ from runm.vm.base import SnapshotFiles
 from tests.conftest import wait_until
 
 KEY = "snapkey"
+MEMORY = 256
 
 
 def alive(pid: int) -> bool:
@@ -53,7 +54,7 @@ def member(tmp_path: Path) -> Iterator[Member]:
     theirs = [a.fileno() for a, _ in pairs]
     # sh starts the VM stand-in, then becomes the waiter: the stand-in is the waiter's child.
     script = (f'sleep 600 & exec {sys.executable} -m runm.sandbox.poolwait '
-              f'"$0" $! {KEY} {theirs[0]},{theirs[1]}')
+              f'"$0" $! {KEY} {MEMORY} {theirs[0]},{theirs[1]}')
     waiter = subprocess.Popen(["sh", "-c", script, str(run_dir)], pass_fds=theirs)
     for a, _ in pairs:
         a.close()
@@ -71,7 +72,7 @@ def member(tmp_path: Path) -> Iterator[Member]:
 
 
 def test_a_ready_member_is_published(member: Member) -> None:
-    assert member.member_file() == {"state": "ready", "key": KEY,
+    assert member.member_file() == {"state": "ready", "key": KEY, "memory_mib": MEMORY,
                                     "keeper_pid": member.waiter.pid, "qemu_pid": member.vm_pid}
     assert [m.run_dir for m in pool.members(member.run_dir.parent)] == [member.run_dir]
     assert (member.run_dir / CLAIM_SOCKET).is_socket()
@@ -149,10 +150,13 @@ def test_a_vm_that_dies_while_waiting_takes_the_member_with_it(member: Member) -
     assert not member.run_dir.exists()
 
 
-def test_starts_that_refill_at_once_do_not_overshoot_the_pool_size(
+def test_starts_that_refill_at_once_do_not_overshoot_the_pool_sizes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path / "base"
-    pool.set_pool_size(base, 2)
+    monkeypatch.setenv("RUNM_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "config.toml").write_text("[vm]\nmemory_mib = 512\n")
+    assert pool.set_pool_size(base, 2) == {512: 2}
+    assert pool.set_pool_size(base, 1, 1024) == {512: 2, 1024: 1}
     started: list[list[str]] = []
     monkeypatch.setattr(pool.subprocess, "Popen", lambda argv, **_: started.append(argv))
     barrier = threading.Barrier(8)
@@ -166,6 +170,23 @@ def test_starts_that_refill_at_once_do_not_overshoot_the_pool_size(
         t.start()
     for t in threads:
         t.join()
-    assert len(started) == 2
-    assert [m.state for m in pool.members(base)] == ["starting", "starting"]
+    assert sorted(argv[-1] for argv in started) == ["1024", "512", "512"]
+    assert sorted((m.state, m.memory_mib) for m in pool.members(base)) == [
+        ("starting", 512), ("starting", 512), ("starting", 1024)]
     assert pool.refill(base) == 0
+
+
+def test_pool_sizes_come_from_the_config_until_fill_or_drain_sets_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "base"
+    monkeypatch.setenv("RUNM_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "config.toml").write_text("[pool]\nsize = 1\nmemory_mib = { 256 = 2 }\n")
+    assert pool.pool_sizes(base) == {512: 1, 256: 2}
+    assert pool.set_pool_size(base, 0, 256) == {512: 1}  # one size off, the rest kept
+    assert pool.pool_sizes(base) == {512: 1}
+    assert pool.set_pool_size(base, 0) == {}  # drain: everything off, the config too
+    assert pool.pool_sizes(base) == {}
+    pool.use_configured_sizes(base)
+    assert pool.pool_sizes(base) == {512: 1, 256: 2}
+    (base / pool.SIZE_FILE).write_text("garbage")
+    assert pool.pool_sizes(base) == {512: 1, 256: 2}  # a broken file is ignored (logged)

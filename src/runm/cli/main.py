@@ -177,26 +177,42 @@ def cmd_pool_fill(args: argparse.Namespace) -> int:
     import time
 
     from runm.sandbox import pool
+    from runm.sandbox.config import MIN_MEMORY_MIB, config_path
     from runm.sandbox.sandbox import run_base
 
-    if args.size < 0:
+    if args.size is not None and args.size < 0:
         raise RunmError(f"invalid pool size {args.size}: must be 0 or more")
-    ensure_guest_image()  # and the snapshot: keepers would each try to make it otherwise
+    if args.memory_mib is not None and args.memory_mib < MIN_MEMORY_MIB:
+        raise RunmError(f"invalid --memory-mib {args.memory_mib}: must be {MIN_MEMORY_MIB} "
+                        f"or more")
     base = run_base()
-    pool.set_pool_size(base, args.size)
+    if args.size is None:
+        if args.memory_mib is not None:
+            raise RunmError("--memory-mib needs a SIZE")
+        pool.use_configured_sizes(base)
+        sizes = pool.pool_sizes(base)
+        if not sizes:
+            raise RunmError(f"no pool size given, and the config ({config_path()[0]}) sets "
+                            f"none ([pool] size or memory_mib)")
+    else:
+        sizes = pool.set_pool_size(base, args.size, args.memory_mib)
+    if sizes:
+        ensure_guest_image()  # and the snapshot: keepers would each try to make it otherwise
     pool.refill(base)
-    if args.no_wait or args.size == 0:
+    wanted = sum(sizes.values())
+    if args.no_wait or not wanted:
         return 0
     progress = Progress.for_stderr()
     deadline = time.monotonic() + args.timeout
     try:
         while True:
-            ready = [m for m in pool.members(base) if m.state == "ready"]
-            progress.step(f"warming up pooled VMs: {len(ready)}/{args.size} ready")
-            if len(ready) >= args.size:
+            ready = [m.memory_mib for m in pool.members(base) if m.state == "ready"]
+            have = sum(min(count, ready.count(memory)) for memory, count in sizes.items())
+            progress.step(f"warming up pooled VMs: {have}/{wanted} ready")
+            if have >= wanted:
                 return 0
             if time.monotonic() > deadline:
-                raise RunmError(f"only {len(ready)} of {args.size} pooled VMs ready after "
+                raise RunmError(f"only {have} of {wanted} pooled VMs ready after "
                                 f"{args.timeout:.0f}s (see {base}/pool-*/keeper.log)")
             if not pool.members(base):
                 raise RunmError(f"pooled VMs failed to start (keepers exited; is the guest "
@@ -212,14 +228,21 @@ def cmd_pool_list(args: argparse.Namespace) -> int:
 
     base = run_base()
     members = pool.members(base)
+    sizes = pool.pool_sizes(base)
     if args.format == "json":
-        print(json.dumps({"size": pool.pool_size(base), "members": [
-            {"run_dir": str(m.run_dir), "state": m.state, "snapshot": m.key,
-             "keeper_pid": m.keeper_pid, "qemu_pid": m.qemu_pid} for m in members]}))
+        print(json.dumps({
+            "size": sum(sizes.values()),
+            "sizes": {str(memory): count for memory, count in sorted(sizes.items())},
+            "members": [{"run_dir": str(m.run_dir), "state": m.state, "snapshot": m.key,
+                         "memory_mib": m.memory_mib, "keeper_pid": m.keeper_pid,
+                         "qemu_pid": m.qemu_pid} for m in members]}))
         return 0
-    print(f"pool size {pool.pool_size(base)}, {len(members)} member(s)")
+    per_size = ", ".join(f"{count} x {memory} MiB" for memory, count in sorted(sizes.items()))
+    print(f"pool size {sum(sizes.values())}{f' ({per_size})' if per_size else ''}, "
+          f"{len(members)} member(s)")
     for m in members:
-        print(f"{m.run_dir.name}   {m.state:<8}   keeper {m.keeper_pid}   qemu {m.qemu_pid or '-'}")
+        print(f"{m.run_dir.name}   {m.state:<8}   {m.memory_mib} MiB   keeper {m.keeper_pid}   "
+              f"qemu {m.qemu_pid or '-'}")
     return 0
 
 
@@ -322,13 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     pool = sub.add_parser(
         "pool", help="keep VMs restored and warmed up in advance, so starts skip both",
         description="The warm pool: guests restored from the VM snapshot, warmed up by one "
-                    "throwaway container, and kept idle. A start takes one (plug "
-                    "in the bundle, run runc on warm code paths) and a new one is prepared in "
-                    "the background. Off until `runm pool fill N`. Each pooled VM costs host "
-                    "memory while it waits (see `runm bench`).")
+                    "throwaway container, and kept idle, a number of them per guest memory "
+                    "size. A start whose VM size matches takes one (plug in the bundle, run "
+                    "runc on warm code paths) and a new one is prepared in the background. "
+                    "Off until `runm pool fill` or the config file's [pool] table (`size = N` "
+                    "for the default size, `memory_mib = { 1024 = 1 }` for others; a start "
+                    "then fills it). Each pooled VM costs host memory while it waits (see "
+                    "`runm bench`).")
     pool_sub = pool.add_subparsers(dest="pool_command", metavar="command")
-    fill = pool_sub.add_parser("fill", help="set the pool size and wait until it is full")
-    fill.add_argument("size", type=int, help="VMs to keep ready (0 turns the pool off)")
+    fill = pool_sub.add_parser(
+        "fill", help="set the pool size and wait until it is full",
+        description="Keep SIZE warm VMs of one guest memory size (default: the default VM "
+                    "size, vm.memory_mib), leaving the other sizes as they are, and wait until "
+                    "they are ready. Without SIZE: fill to the sizes the config file's [pool] "
+                    "table sets. A container's VM gets its memory limit plus vm.overhead_mib, "
+                    "rounded up to a power of two (or vm.memory_mib without a limit); only a "
+                    "pooled VM of that very size serves it.")
+    fill.add_argument("size", type=int, nargs="?",
+                      help="VMs to keep ready (0 stops keeping this size)")
+    fill.add_argument("--memory-mib", type=int, metavar="MIB",
+                      help="the guest memory size these VMs have (default: vm.memory_mib)")
     fill.add_argument("--no-wait", action="store_true", help="return at once")
     fill.add_argument("--timeout", type=float, default=600.0,
                       help="seconds to wait for the pool to fill (default 600)")
@@ -336,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     plist = pool_sub.add_parser("list", help="show the pool's size and members")
     plist.add_argument("-f", "--format", choices=("table", "json"), default="table")
     plist.set_defaults(func=cmd_pool_list)
-    pdrain = pool_sub.add_parser("drain", help="turn the pool off and stop its waiting VMs")
+    pdrain = pool_sub.add_parser(
+        "drain", help="turn the pool off and stop its waiting VMs",
+        description="Turn the pool off (every size, and the config file's [pool] too, until "
+                    "the next `runm pool fill` or reboot) and stop the VMs waiting in it; VMs "
+                    "already taken are their containers'.")
     pdrain.set_defaults(func=cmd_pool_drain)
     return parser
 

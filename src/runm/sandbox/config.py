@@ -38,10 +38,24 @@ class VMDefaults:
 
 
 @dataclass(frozen=True)
+class PoolTargets:
+    """The [pool] table: warm VMs to keep ready (runm.sandbox.pool), none by default."""
+
+    size: int = 0  # of the default size (vm.memory_mib)
+    memory_mib: tuple[tuple[int, int], ...] = ()  # (guest memory MiB, count): other sizes
+
+
+@dataclass(frozen=True)
 class Config:
     vm: VMDefaults = VMDefaults()
     snapshots: bool = True  # [snapshot] enabled
+    pool: PoolTargets = PoolTargets()
     path: str = ""  # where it was read from ("" = built-in defaults)
+
+    def pool_sizes(self) -> dict[int, int]:
+        """Warm VMs to keep per guest memory size (MiB), as configured."""
+        sizes = {self.vm.memory_mib: self.pool.size, **dict(self.pool.memory_mib)}
+        return {memory: count for memory, count in sizes.items() if count > 0}
 
 
 def default_cpus(accel: str) -> int:
@@ -75,20 +89,21 @@ def load_config(path: Path | None = None, required: bool | None = None) -> Confi
 
 
 def parse_config(data: dict[str, Any], where: str = "config") -> Config:
-    tables = {"vm": _parse_vm, "snapshot": _parse_snapshot}
+    tables = {"vm": _parse_vm, "snapshot": _parse_snapshot, "pool": _parse_pool}
     unknown = sorted(set(data) - set(tables))
     if unknown:
-        raise RunmError(f"{where}: unknown key {unknown[0]!r} (known: vm, snapshot)")
+        raise RunmError(f"{where}: unknown key {unknown[0]!r} (known: pool, snapshot, vm)")
     vm = VMDefaults()
     snapshots = True
     if "vm" in data:
         vm = _parse_vm(_table(data, "vm", where), where)
     if "snapshot" in data:
         snapshots = _parse_snapshot(_table(data, "snapshot", where), where)
+    pool = _parse_pool(_table(data, "pool", where), where) if "pool" in data else PoolTargets()
     if vm.memory_mib > vm.max_memory_mib:
         raise RunmError(f"{where}: vm.memory_mib ({vm.memory_mib}) is above vm.max_memory_mib "
                         f"({vm.max_memory_mib})")
-    return Config(vm=vm, snapshots=snapshots, path=where)
+    return Config(vm=vm, snapshots=snapshots, pool=pool, path=where)
 
 
 def _table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -119,6 +134,31 @@ def _parse_snapshot(table: dict[str, Any], where: str) -> bool:
         if not isinstance(value, bool):
             raise RunmError(f"{where}: snapshot.enabled must be true or false, not {value!r}")
     return bool(table.get("enabled", True))
+
+
+def _parse_pool(table: dict[str, Any], where: str) -> PoolTargets:
+    def count(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise RunmError(f"{where}: {key} must be an integer >= 0, not {value!r}")
+        return value
+
+    size = 0
+    by_memory: list[tuple[int, int]] = []
+    for key, value in table.items():
+        if key == "size":
+            size = count("pool.size", value)
+        elif key == "memory_mib":
+            if not isinstance(value, dict):
+                raise RunmError(f"{where}: pool.memory_mib must be a table of guest memory "
+                                f"sizes (MiB) to counts, like {{ 1024 = 1 }}")
+            for memory, n in value.items():
+                if not memory.isdigit() or int(memory) < MIN_MEMORY_MIB:
+                    raise RunmError(f"{where}: pool.memory_mib: {memory!r} is not a memory "
+                                    f"size in MiB >= {MIN_MEMORY_MIB}")
+                by_memory.append((int(memory), count(f"pool.memory_mib.{memory}", n)))
+        else:
+            raise RunmError(f"{where}: unknown key 'pool.{key}' (known: memory_mib, size)")
+    return PoolTargets(size, tuple(by_memory))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runm.filelock import hold, open_lock
+from runm.sandbox.config import load_config
 from runm.sandbox.poolwait import CLAIM_SOCKET, CLAIM_TIMEOUT, LOG_FILE, MEMBER_FILE, write_member
 from runm.vm.base import IO_PORT, SnapshotFiles
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("runm.pool")
 
 MEMBER_PREFIX = "pool-"
-SIZE_FILE = "pool-size"
+SIZE_FILE = "pool-sizes.json"
 REFILL_LOCK = ".pool-refill.lock"
 WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
 # Keepers (and so their QEMU) prepare VMs at this niceness: refilling the pool must not slow
@@ -60,9 +61,11 @@ class Member:
     key: str  # the snapshot (machine) it was restored from
     keeper_pid: int
     qemu_pid: int = 0
+    memory_mib: int = 0  # the guest's memory: the pool keeps a number of members per size
 
     def write(self) -> None:
-        write_member(self.run_dir, self.state, self.key, self.keeper_pid, self.qemu_pid)
+        write_member(self.run_dir, self.state, self.key, self.keeper_pid, self.qemu_pid,
+                     self.memory_mib)
 
 
 def _alive(pid: int) -> bool:
@@ -82,7 +85,8 @@ def members(base: Path) -> list[Member]:
         try:
             data = json.loads((entry / MEMBER_FILE).read_text())
             member = Member(entry, str(data["state"]), str(data["key"]),
-                            int(data["keeper_pid"]), int(data.get("qemu_pid", 0)))
+                            int(data["keeper_pid"]), int(data.get("qemu_pid", 0)),
+                            int(data.get("memory_mib", 0)))
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if _alive(member.keeper_pid):
@@ -90,26 +94,45 @@ def members(base: Path) -> list[Member]:
     return found
 
 
-def pool_size(base: Path) -> int:
+def pool_sizes(base: Path) -> dict[int, int]:
+    """How many members to keep, per guest memory size (MiB): what `runm pool fill` or
+    `drain` set since boot (RUN_BASE/pool-sizes.json), else the config file's [pool]."""
     try:
-        return max(0, int((base / SIZE_FILE).read_text()))
-    except (OSError, ValueError):
-        return 0
+        data = json.loads((base / SIZE_FILE).read_text())
+        return {int(memory): int(count) for memory, count in data.items() if int(count) > 0}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        log.warning("ignoring %s: %s", base / SIZE_FILE, err)
+    return load_config().pool_sizes()
 
 
-def set_pool_size(base: Path, size: int) -> None:
+def use_configured_sizes(base: Path) -> None:
+    """Forget what `runm pool fill` or `drain` set: the config file's [pool] applies again."""
+    with contextlib.suppress(FileNotFoundError):
+        (base / SIZE_FILE).unlink()
+
+
+def set_pool_size(base: Path, size: int, memory_mib: int | None = None) -> dict[int, int]:
+    """Keep `size` members of `memory_mib` (default: the default VM size) from now on, the
+    other sizes as they are; size 0 with no memory_mib turns the whole pool off."""
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if size <= 0:
-        with contextlib.suppress(FileNotFoundError):
-            (base / SIZE_FILE).unlink()
-        return
-    (base / SIZE_FILE).write_text(f"{size}\n")
+    if memory_mib is None and size <= 0:
+        sizes: dict[int, int] = {}
+    else:
+        sizes = pool_sizes(base)
+        sizes[memory_mib or load_config().vm.memory_mib] = max(0, size)
+        sizes = {memory: count for memory, count in sizes.items() if count > 0}
+    tmp = base / f".{SIZE_FILE}.tmp"
+    tmp.write_text(json.dumps({str(memory): count for memory, count in sorted(sizes.items())}))
+    tmp.replace(base / SIZE_FILE)
+    return sizes
 
 
 def claim(base: Path, snapshot: SnapshotFiles, run_dir: Path) -> tuple[int, list[int]]:
     """Take a ready member restored from `snapshot`, moved to run_dir: its QEMU pid and
     its connected (agent, stdio) sockets - or (0, [])."""
-    if pool_size(base) == 0 and not any(base.glob(f"{MEMBER_PREFIX}*")):
+    if not any(base.glob(f"{MEMBER_PREFIX}*")):
         return 0, []
     key = snapshot.ram.parent.name
     for member in members(base):
@@ -142,22 +165,30 @@ def _close_all(fds: list[int]) -> None:
 
 
 def refill(base: Path) -> int:
-    """Start keepers until the pool has its size again; return how many were started.
-    Serialized (a lock file), so starts that claim at once do not overshoot the size."""
+    """Start keepers until the pool has its sizes again; return how many were started.
+    Serialized (a lock file), so starts that claim at once do not overshoot the sizes."""
+    sizes = pool_sizes(base)
+    if not sizes:
+        return 0
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    started = 0
     with hold(open_lock(base / REFILL_LOCK)):
-        missing = max(0, pool_size(base) - len(members(base)))
-        for _ in range(missing):
-            start_keeper(base)
-    return missing
+        have = [m.memory_mib for m in members(base)]
+        for memory_mib, count in sorted(sizes.items()):
+            for _ in range(max(0, count - have.count(memory_mib))):
+                start_keeper(base, memory_mib)
+                started += 1
+    return started
 
 
-def start_keeper(base: Path) -> Path:
+def start_keeper(base: Path, memory_mib: int) -> Path:
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     run_dir = base / f"{MEMBER_PREFIX}{secrets.token_hex(5)}"
     run_dir.mkdir(mode=0o700)
-    Member(run_dir, "starting", "", 0).write()  # counted at once; the keeper fills in its pid
-    subprocess.Popen([sys.executable, "-m", "runm.sandbox.pool", "keep", str(run_dir)],
+    # Counted at once; the keeper fills in its pid.
+    Member(run_dir, "starting", "", 0, memory_mib=memory_mib).write()
+    subprocess.Popen([sys.executable, "-m", "runm.sandbox.pool", "keep", str(run_dir),
+                      str(memory_mib)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     return run_dir
@@ -179,8 +210,9 @@ def drain(base: Path) -> int:
 class Keeper:
     """A member's first life: restore and warm up the VM, then exec into poolwait."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, memory_mib: int) -> None:
         self.run_dir = run_dir
+        self.memory_mib = memory_mib
         self.stop = asyncio.Event()
 
     async def run(self) -> int:
@@ -188,13 +220,14 @@ class Keeper:
         from runm.guest.image import GuestImageError, find_image
         from runm.sandbox.sandbox import Sandbox, Timings
 
-        Member(self.run_dir, "starting", "", os.getpid()).write()
+        Member(self.run_dir, "starting", "", os.getpid(), memory_mib=self.memory_mib).write()
         try:
             image = find_image()
         except GuestImageError as err:
             log.error("no guest image: %s", err)
             return 1
-        sandbox = Sandbox.create(f"runm-{self.run_dir.name}", image, self.run_dir, [])
+        sandbox = Sandbox.create(f"runm-{self.run_dir.name}", image, self.run_dir, [],
+                                 memory_mib=self.memory_mib)
         snapshot = await sandbox.snapshot(Timings())
         if snapshot is None:
             log.error("no VM snapshot to restore")
@@ -225,7 +258,8 @@ class Keeper:
         logging.shutdown()
         os.execv(sys.executable, [sys.executable, "-m", "runm.sandbox.poolwait",
                                   str(self.run_dir), str(sandbox.vm.pid),
-                                  snapshot.ram.parent.name, ",".join(map(str, fds))])
+                                  snapshot.ram.parent.name, str(self.memory_mib),
+                                  ",".join(map(str, fds))])
 
 
 async def _prepare(sandbox: Sandbox, snapshot: SnapshotFiles) -> list[int]:
@@ -243,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     keep = sub.add_parser("keep")
     keep.add_argument("run_dir")
+    keep.add_argument("memory_mib", type=int)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     logging.basicConfig(filename=str(run_dir / LOG_FILE), level=logging.INFO,
@@ -252,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(BACKGROUND_NICE)
 
     async def body() -> int:
-        keeper = Keeper(run_dir)
+        keeper = Keeper(run_dir, args.memory_mib)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, keeper.stop.set)

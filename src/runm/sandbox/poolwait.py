@@ -33,11 +33,12 @@ CLAIM_TIMEOUT = 5.0
 LOG_FILE = "keeper.log"
 
 
-def write_member(run_dir: Path, state: str, key: str, keeper_pid: int, qemu_pid: int) -> None:
+def write_member(run_dir: Path, state: str, key: str, keeper_pid: int, qemu_pid: int,
+                 memory_mib: int) -> None:
     """Publish a member's state (RUN_DIR/pool.json), atomically."""
     tmp = run_dir / f".{MEMBER_FILE}.tmp"
     tmp.write_text(json.dumps({"state": state, "key": key, "keeper_pid": keeper_pid,
-                               "qemu_pid": qemu_pid}))
+                               "qemu_pid": qemu_pid, "memory_mib": memory_mib}))
     tmp.replace(run_dir / MEMBER_FILE)
 
 
@@ -55,10 +56,12 @@ def renice_process(pid: int, nice: int) -> None:
 class Waiter:
     """One member's wait (run()), with the VM's QEMU a child of this process."""
 
-    def __init__(self, run_dir: Path, qemu_pid: int, key: str, fds: list[int]) -> None:
+    def __init__(self, run_dir: Path, qemu_pid: int, key: str, memory_mib: int,
+                 fds: list[int]) -> None:
         self.run_dir = run_dir
         self.qemu_pid = qemu_pid
         self.key = key
+        self.memory_mib = memory_mib
         self.fds = fds  # the agent and stdio connections, for the taker
         self.taker_pid = 0
         self._qemu_exit = os.pidfd_open(qemu_pid)
@@ -75,7 +78,8 @@ class Waiter:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.run_dir / CLAIM_SOCKET))
         listener.listen(8)
-        write_member(self.run_dir, "ready", self.key, os.getpid(), self.qemu_pid)
+        write_member(self.run_dir, "ready", self.key, os.getpid(), self.qemu_pid,
+                     self.memory_mib)
         self.log(f"pooled VM ready: qemu pid {self.qemu_pid}")
         try:
             claimed = self._wait_for_claim(listener)
@@ -171,10 +175,11 @@ class Waiter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """poolwait RUN_DIR QEMU_PID KEY AGENT_FD,STDIO_FD (the keeper's exec)."""
+    """poolwait RUN_DIR QEMU_PID KEY MEMORY_MIB AGENT_FD,STDIO_FD (the keeper's exec)."""
     args = sys.argv[1:] if argv is None else argv
-    run_dir, qemu_pid, key, fds = Path(args[0]), int(args[1]), args[2], args[3]
-    return Waiter(run_dir, qemu_pid, key, [int(fd) for fd in fds.split(",")]).run()
+    run_dir, qemu_pid, key, memory_mib, fds = args
+    return Waiter(Path(run_dir), int(qemu_pid), key, int(memory_mib),
+                  [int(fd) for fd in fds.split(",")]).run()
 
 
 if __name__ == "__main__":
