@@ -20,7 +20,7 @@ from runm.channel.stream import AsyncioByteStream
 from runm.errors import RunmError
 from runm.proto import task as api
 from runm.proto.codec import Message
-from runm.sandbox.pod import KILLED_BY_VM_EXIT, PodProcess
+from runm.sandbox.pod import KILLED_STATUS, PodProcess
 from runm.shim.events import Publisher
 from runm.shim.service import TaskService
 from runm.ttrpc import CallContext, Client, Code, Server, TtrpcError
@@ -384,7 +384,7 @@ def test_wait_never_blocks_other_calls_and_a_dead_vm_means_137(tmp_path: Path) -
             await s.call("Start", api.TaskRequest("c1"), api.StartResponse)
             state = await s.call("State", api.TaskRequest("c1"), api.StateResponse)
             assert state.status == api.RUNNING
-            await s.pod.exit("c1", status=KILLED_BY_VM_EXIT)  # what Pod does when QEMU dies
+            await s.pod.exit("c1", status=KILLED_STATUS)  # what Pod does when QEMU dies
             assert {(await w).exit_status for w in waits} == {137}
             state = await s.call("State", api.TaskRequest("c1"), api.StateResponse)
             assert (state.status, state.exit_status) == (api.STOPPED, 137)

@@ -23,14 +23,14 @@ from runm.net.ports import resolve_publish
 from runm.proto import agent as api
 from runm.sandbox.agent_client import AgentClient
 from runm.sandbox.bundle import Bundle
-from runm.sandbox.run import bundle_vm_size
+from runm.sandbox.run import bundle_shares, bundle_vm_size
 from runm.sandbox.sandbox import RESTORE_TIMEOUT, Sandbox
 from runm.ttrpc import Code, TtrpcError
 from runm.vm.base import PortForward, Share, VMError
 
 log = logging.getLogger("runm.pod")
 
-KILLED_BY_VM_EXIT = 137
+KILLED_STATUS = 128 + 9  # a process SIGKILLed, or lost with its VM
 
 
 class ProcessIO(Protocol):
@@ -115,12 +115,9 @@ class Pod:
     def _shares_for(self, bundle: Bundle) -> list[Share]:
         """Shares for the bundle's directories the VM does not have yet (new tags)."""
         vm = self.sandbox.vm.config if self.sandbox else None
-        have = {share.host_path for share in vm.shares} if vm else set()  # with hot-plugged
-        shares = []
-        for path in bundle.shared_dirs():
-            if path not in have:
-                shares.append(Share(f"share{self._next_tag}", path, str(path)))
-                self._next_tag += 1
+        have = frozenset(share.host_path for share in vm.shares) if vm else frozenset()
+        shares = bundle_shares(bundle, self._next_tag, have)  # vm.shares: with hot-plugged
+        self._next_tag += len(shares)
         return shares
 
     def _wire(self, proc: PodProcess) -> api.Stdio:
@@ -283,7 +280,7 @@ class Pod:
                 return
             log.warning("waiting for %s/%s: %s", proc.container_id, proc.exec_id or "init",
                         err)
-            status, at, ooms = KILLED_BY_VM_EXIT, 0, 0
+            status, at, ooms = KILLED_STATUS, 0, 0
         if proc.outputs:  # all output reaches the caller before the exit is known
             await asyncio.gather(*proc.outputs, return_exceptions=True)
         await self._finish(proc, status, at, ooms)
@@ -322,4 +319,4 @@ class Pod:
         log.warning("VM %s exited with %d", self.name, code)
         for container in list(self.containers.values()):
             for proc in [container.init, *container.execs.values()]:
-                await self._finish(proc, KILLED_BY_VM_EXIT, 0, 0)
+                await self._finish(proc, KILLED_STATUS, 0, 0)

@@ -48,9 +48,12 @@ class RunOptions:
     publish: list[PortForward] = field(default_factory=list)
 
 
-def bundle_shares(bundle: Bundle) -> list[Share]:
-    """One virtiofs share per directory the container needs, at its host path."""
-    return [Share(f"share{i}", path, str(path)) for i, path in enumerate(bundle.shared_dirs())]
+def bundle_shares(bundle: Bundle, first_tag: int = 0,
+                  have: frozenset[Path] = frozenset()) -> list[Share]:
+    """One virtiofs share per directory the container needs, at its host path; tags
+    share<first_tag>, ... (unique in a VM); directories in `have` (shared already) skipped."""
+    paths = [path for path in bundle.shared_dirs() if path not in have]
+    return [Share(f"share{first_tag + i}", path, str(path)) for i, path in enumerate(paths)]
 
 
 def bundle_vm_size(bundle: Bundle, image: GuestImage) -> VMSize:

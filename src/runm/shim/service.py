@@ -28,7 +28,7 @@ from runm.guest.image import GuestImage
 from runm.proto import task as api
 from runm.proto.codec import Message
 from runm.sandbox.bundle import load_bundle, validate_id
-from runm.sandbox.pod import Pod, PodProcess
+from runm.sandbox.pod import KILLED_STATUS, Pod, PodProcess
 from runm.sandbox.sandbox import vm_run_dir
 from runm.shim import rootfs
 from runm.shim.events import Publisher
@@ -39,7 +39,6 @@ from runm.ttrpc import CallContext, Code, Server, TtrpcError
 log = logging.getLogger("runm.shim")
 
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
-SIGKILL_STATUS = 137
 
 
 @dataclass
@@ -260,7 +259,7 @@ class TaskService:
             del self.pods[task.group]
         if proc.io is not None:
             proc.io.close()
-        proc.finish(SIGKILL_STATUS, 0)  # a created task is killed by the delete
+        proc.finish(KILLED_STATUS, 0)  # a created task is killed by the delete
         if task.rootfs_mounted:
             await rootfs.unmount(Path(task.bundle) / "rootfs")
         async with self.event_lock:
@@ -460,7 +459,7 @@ class TaskService:
         if not proc.exec_id:  # the init's end ends its execs, as runc's would
             for other in task.execs.values():
                 if other.running is None:
-                    other.finish(SIGKILL_STATUS, 0)
+                    other.finish(KILLED_STATUS, 0)
 
     @staticmethod
     async def _agent_call(call: Awaitable[Any]) -> Any:
