@@ -9,7 +9,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
 import socket
 import struct
@@ -330,7 +329,7 @@ class AgentService:
         try:
             if stdio.terminal:
                 # container ids can be 64 chars: keep the path well under sun_path's 108
-                console_path = Path("/run") / f"runm-console-{secrets.token_hex(6)}.sock"
+                console_path = Path("/run") / f"runm-console-{os.urandom(6).hex()}.sock"
                 with contextlib.suppress(FileNotFoundError):
                     console_path.unlink()
                 console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
