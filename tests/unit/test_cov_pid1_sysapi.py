@@ -308,3 +308,10 @@ def test_network_up_configures_the_nic_with_ip(tmp_path: Path) -> None:
         "addr add 10.0.2.15/24 dev eth0", "link set eth0 up", "route add default via 10.0.2.2"]
     assert len(errors) == 1 and errors[0].startswith("ip route add default")
     assert pid1.network_up(str(tmp_path / "no-ip"), sys_net)[0].startswith("ip addr add")
+
+
+def test_drop_page_cache_asks_the_kernel_for_level_1(tmp_path: Path) -> None:
+    control = tmp_path / "drop_caches"
+    control.write_text("")
+    sysapi.drop_page_cache(str(control))
+    assert control.read_text() == "1"  # page cache only: dentries and inodes stay
