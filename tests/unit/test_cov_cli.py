@@ -32,7 +32,6 @@ def _restore_logging(tmp_path: Path) -> Iterator[None]:
     """main() replaces the root logger's handlers; put pytest's back and close log files."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    qemu_level = logging.getLogger("qemu").level
     try:
         yield
     finally:
@@ -43,7 +42,6 @@ def _restore_logging(tmp_path: Path) -> Iterator[None]:
                     handler.stream.close()  # a --log FILE this test opened
         root.handlers[:] = handlers
         root.setLevel(level)
-        logging.getLogger("qemu").setLevel(qemu_level)
 
 
 @pytest.fixture(autouse=True)
@@ -672,7 +670,3 @@ def test_logging_fatal_to_stderr_only_once(capsys: pytest.CaptureFixture[str]) -
     assert err.count("boom") == 1
     assert json.loads(err)["level"] == "error"
 
-
-def test_logging_quiets_qemu_library() -> None:
-    logs.Logging(None, "text", debug=True)
-    assert logging.getLogger("qemu").getEffectiveLevel() == logging.CRITICAL

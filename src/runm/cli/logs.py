@@ -57,8 +57,6 @@ class Logging:
         # runc logs info and up to its --log file; on a terminal only what needs attention
         root.setLevel(logging.DEBUG if debug else logging.WARNING if self.to_stderr
                       else logging.INFO)
-        # quiet libraries that log at INFO/WARNING on normal disconnects
-        logging.getLogger("qemu").setLevel(logging.CRITICAL)
 
     def fatal(self, message: str) -> None:
         """runc's fatal(): log the error; also print it if the log is not stderr."""

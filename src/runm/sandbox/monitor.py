@@ -316,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(filename=args.log, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("qemu").setLevel(logging.CRITICAL)
     config = MonitorConfig.load(Path(args.config))
     fds = [int(fd) for fd in args.stdio_fds.split(",") if fd]
     return asyncio.run(run_monitor(config, fds, args.ready_fd))

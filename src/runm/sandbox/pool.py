@@ -282,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     logging.basicConfig(filename=str(run_dir / LOG_FILE), level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("qemu").setLevel(logging.CRITICAL)
 
     os.nice(BACKGROUND_NICE)
 

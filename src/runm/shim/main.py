@@ -157,7 +157,6 @@ def _open_log(bundle: Path, debug: bool) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("qemu").setLevel(logging.CRITICAL)
 
 
 async def serve(namespace: str, sock: socket.socket) -> int:

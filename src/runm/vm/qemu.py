@@ -29,6 +29,7 @@ from typing import Any
 from runm.proto import network
 from runm.vm.accel import choose_accelerator
 from runm.vm.base import Share, SnapshotFiles, VirtualMachine, VMConfig, VMError
+from runm.vm.qmp import QmpClient
 
 log = logging.getLogger("runm.vm")
 
@@ -102,7 +103,7 @@ class QemuVM(VirtualMachine):
         self._qemu: subprocess.Popen[bytes] | None = None
         self._helpers: list[subprocess.Popen[bytes]] = []
         self._exit: asyncio.Future[int] | None = None
-        self._qmp: object | None = None
+        self._qmp: QmpClient | None = None
         self._adopted: int = 0  # pid of a QEMU started by another process (a pool keeper)
         self._adopted_pidfd = -1
         self._hotplugged = 0  # reserved root ports in use
@@ -321,16 +322,14 @@ class QemuVM(VirtualMachine):
 
     async def _migration(self, command: str, uri: str) -> None:
         """Run `migrate` or `migrate-incoming` (guest RAM excluded) and wait for it to finish."""
-        from qemu.qmp import QMPClient
-
         await self.qmp("migrate-set-capabilities", capabilities=[
             {"capability": "x-ignore-shared", "state": True},
             {"capability": "events", "state": True}])
         client = self._qmp
-        assert isinstance(client, QMPClient)
+        assert client is not None
         exited = self._exit
         assert exited is not None
-        with client.listener("MIGRATION") as listener:
+        with client.listen("MIGRATION") as listener:
             await self.qmp(command, uri=uri)
 
             async def finished() -> str:
@@ -379,14 +378,13 @@ class QemuVM(VirtualMachine):
             raise VMError("VM was not started")
         return await asyncio.shield(self._exit)
 
-    async def qmp(self, command: str, **arguments: object) -> object:
-        from qemu.qmp import QMPClient
-
+    async def qmp(self, command: str, **arguments: object) -> Any:
+        """Run a QMP command (connecting first if needed); its errors are VMErrors."""
         if self._qmp is None:
-            client = QMPClient(self.config.name)
+            client = QmpClient()
             await client.connect(str(self.qmp_path))
             self._qmp = client
-        return await self._qmp.execute(command, arguments or None)  # type: ignore[attr-defined]
+        return await self._qmp.execute(command, arguments or None)
 
     async def stop(self, timeout: float = 5.0) -> None:
         if self._qemu is None and not self._adopted:
@@ -406,8 +404,7 @@ class QemuVM(VirtualMachine):
         """Disconnect from QMP (it serves one client at a time)."""
         client, self._qmp = self._qmp, None
         if client is not None:
-            with contextlib.suppress(Exception):
-                await client.disconnect()  # type: ignore[attr-defined]
+            await client.disconnect()
 
     async def _reap_helpers(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
