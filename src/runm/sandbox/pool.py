@@ -13,8 +13,9 @@ the guest never sees its host go away, and a waiting member does not carry the ~
 interpreter that prepared it. QEMU is the keeper's child (PDEATHSIG) through both lives, so
 nothing outlives the keeper.
 
-The pool is off unless a size is set (`runm pool fill N` writes RUN_BASE/pool-size); every
-claim refills it in the background.
+The pool keeps a number of members per guest memory size: none unless `runm pool fill` (which
+writes RUN_BASE/pool-sizes.json) or the config file's [pool] says so. Every start refills it
+in the background.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runm.atomicfile import write_atomically
 from runm.filelock import hold, open_lock
 from runm.sandbox.config import load_config
 from runm.sandbox.poolwait import CLAIM_SOCKET, CLAIM_TIMEOUT, LOG_FILE, MEMBER_FILE, write_member
@@ -123,9 +125,8 @@ def set_pool_size(base: Path, size: int, memory_mib: int | None = None) -> dict[
         sizes = pool_sizes(base)
         sizes[memory_mib or load_config().vm.memory_mib] = max(0, size)
         sizes = {memory: count for memory, count in sizes.items() if count > 0}
-    tmp = base / f".{SIZE_FILE}.tmp"
-    tmp.write_text(json.dumps({str(memory): count for memory, count in sorted(sizes.items())}))
-    tmp.replace(base / SIZE_FILE)
+    write_atomically(base / SIZE_FILE,
+                     json.dumps({str(memory): count for memory, count in sorted(sizes.items())}))
     return sizes
 
 

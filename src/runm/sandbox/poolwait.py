@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from runm.atomicfile import write_atomically
+
 MEMBER_FILE = "pool.json"
 CLAIM_SOCKET = "pool.sock"
 CLAIM_TIMEOUT = 5.0
@@ -36,10 +38,9 @@ LOG_FILE = "keeper.log"
 def write_member(run_dir: Path, state: str, key: str, keeper_pid: int, qemu_pid: int,
                  memory_mib: int) -> None:
     """Publish a member's state (RUN_DIR/pool.json), atomically."""
-    tmp = run_dir / f".{MEMBER_FILE}.tmp"
-    tmp.write_text(json.dumps({"state": state, "key": key, "keeper_pid": keeper_pid,
-                               "qemu_pid": qemu_pid, "memory_mib": memory_mib}))
-    tmp.replace(run_dir / MEMBER_FILE)
+    write_atomically(run_dir / MEMBER_FILE, json.dumps({
+        "state": state, "key": key, "keeper_pid": keeper_pid, "qemu_pid": qemu_pid,
+        "memory_mib": memory_mib}))
 
 
 def renice_process(pid: int, nice: int) -> None:

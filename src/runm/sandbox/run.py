@@ -11,6 +11,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runm.atomicfile import write_atomically
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.proto import agent as api
@@ -66,10 +67,7 @@ def bundle_vm_size(bundle: Bundle, image: GuestImage) -> VMSize:
 
 def write_pid_file(path: str, pid: int) -> None:
     """runc's format: digits only, no newline, written atomically."""
-    target = Path(path).absolute()
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(str(pid))
-    tmp.replace(target)
+    write_atomically(Path(path).absolute(), str(pid))
 
 
 async def run_container(opts: RunOptions) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runm.atomicfile import write_atomically
 from runm.errors import RunmError
 
 DEFAULT_ROOT = Path("/run/runm")
@@ -74,13 +75,9 @@ class StateStore:
 
     def save(self, record: ContainerRecord) -> None:
         """Write the record; a container deleted meanwhile (delete -f) stays deleted."""
-        path = self.dir(record.id) / "state.json"
-        tmp = path.with_name(".state.json.tmp")
-        try:
-            tmp.write_text(json.dumps(dataclasses.asdict(record)))
-            tmp.replace(path)
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            write_atomically(self.dir(record.id) / "state.json",
+                             json.dumps(dataclasses.asdict(record)))
 
     def load(self, container_id: str) -> ContainerRecord:
         try:

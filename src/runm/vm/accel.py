@@ -16,6 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from runm.atomicfile import write_atomically
+
 log = logging.getLogger("runm.vm")
 
 PROBE_TIMEOUT = 10.0
@@ -72,9 +74,7 @@ def choose_accelerator(kernel: Path) -> str:
     log.info("accelerator probe: %s", accel)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"accel": accel}))
-        tmp.replace(cache)
+        write_atomically(cache, json.dumps({"accel": accel}))
     except OSError:
         pass
     return accel
