@@ -120,9 +120,20 @@ def test_no_command_prints_help_to_stderr(capsys: pytest.CaptureFixture[str]) ->
     assert "RUNM_DATA_DIR" in captured.err
 
 
-def test_guest_without_subcommand_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["guest"]) == 1
-    assert "usage:" in capsys.readouterr().err
+@pytest.mark.parametrize("group,subcommand", [("guest", "build"), ("pool", "fill")])
+def test_group_without_subcommand_prints_its_own_help(
+        group: str, subcommand: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([group]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: runm {group} ")
+    assert subcommand in err
+
+
+def test_subcommand_usage_names_the_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["pool", "fill", "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: runm pool fill [-h]")
 
 
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runm.sandbox import pool
-from runm.sandbox.poolwait import CLAIM_SOCKET, LOG_FILE, MEMBER_FILE
+from runm.sandbox.poolwait import CLAIM_SOCKET, LOG_FILE, MEMBER_FILE, write_member
 from runm.vm.base import SnapshotFiles
 from tests.conftest import wait_until
 
@@ -190,3 +190,16 @@ def test_pool_sizes_come_from_the_config_until_fill_or_drain_sets_them(
     assert pool.pool_sizes(base) == {512: 1, 256: 2}
     (base / pool.SIZE_FILE).write_text("garbage")
     assert pool.pool_sizes(base) == {512: 1, 256: 2}  # a broken file is ignored (logged)
+
+
+def test_member_files_that_are_not_members_are_left_out(tmp_path: Path) -> None:
+    for name, text in [("pool-garbage", "{"), ("pool-list", "[1]"), ("pool-nokey", "{}"),
+                       ("pool-badpid", '{"state": "ready", "key": "k", "keeper_pid": "x"}')]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MEMBER_FILE).write_text(text)
+    (tmp_path / "pool-nofile").mkdir()
+    good = tmp_path / "pool-good"
+    good.mkdir()
+    write_member(good, "ready", "k1", os.getpid(), 0, 256)
+    assert [(m.run_dir.name, m.state, m.key, m.memory_mib) for m in pool.members(tmp_path)] == [
+        ("pool-good", "ready", "k1", 256)]

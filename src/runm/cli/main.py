@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for runc compatibility (cgroups live in the guest)")
     g.add_argument("--rootless", default="auto", help="accepted for runc compatibility")
     g.add_argument("-v", "--version", action="store_true", help="print the version")
-    sub = parser.add_subparsers(dest="command", metavar="command")
+    # prog: subcommands' usage reads "runm pool fill ...", not the top-level usage line.
+    sub = parser.add_subparsers(dest="command", metavar="command", prog="runm")
 
     run = sub.add_parser(
         "run", help="create and run a container in its own VM",
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.set_defaults(func=cmd_spec)
 
     guest = sub.add_parser("guest", help="manage the guest image (kernel, initramfs, root)")
+    guest.set_defaults(group=guest)
     guest_sub = guest.add_subparsers(dest="guest_command", metavar="command")
     build = guest_sub.add_parser("build", help="build the guest image (cached by content hash)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -352,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "for the default size, `memory_mib = { 1024 = 1 }` for others; a start "
                     "then fills it). Each pooled VM costs host memory while it waits (see "
                     "`runm bench`).")
+    pool.set_defaults(group=pool)
     pool_sub = pool.add_subparsers(dest="pool_command", metavar="command")
     fill = pool_sub.add_parser(
         "fill", help="set the pool size and wait until it is full",
@@ -389,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs = Logging(args.log, args.log_format, args.debug)
     func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
+    if func is None:  # no command, or a group (`runm pool`) without its subcommand
+        getattr(args, "group", parser).print_help(sys.stderr)
         return 1
     try:
         if args.config:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from runm.atomicfile import write_atomically
 from runm.filelock import hold, open_lock
 from runm.sandbox.config import load_config
-from runm.sandbox.poolwait import CLAIM_SOCKET, CLAIM_TIMEOUT, LOG_FILE, MEMBER_FILE, write_member
+from runm.sandbox.poolwait import CLAIM_SOCKET, CLAIM_TIMEOUT, LOG_FILE, read_member, write_member
 from runm.vm.base import IO_PORT, SnapshotFiles
 
 if TYPE_CHECKING:
@@ -85,11 +85,8 @@ def members(base: Path) -> list[Member]:
     found = []
     for entry in sorted(base.glob(f"{MEMBER_PREFIX}*")):
         try:
-            data = json.loads((entry / MEMBER_FILE).read_text())
-            member = Member(entry, str(data["state"]), str(data["key"]),
-                            int(data["keeper_pid"]), int(data.get("qemu_pid", 0)),
-                            int(data.get("memory_mib", 0)))
-        except (OSError, ValueError, KeyError, TypeError):
+            member = Member(entry, *read_member(entry))
+        except (OSError, ValueError):
             continue
         if _alive(member.keeper_pid):
             found.append(member)

@@ -43,6 +43,17 @@ def write_member(run_dir: Path, state: str, key: str, keeper_pid: int, qemu_pid:
         "memory_mib": memory_mib}))
 
 
+def read_member(run_dir: Path) -> tuple[str, str, int, int, int]:
+    """(state, key, keeper_pid, qemu_pid, memory_mib) from what write_member wrote; OSError
+    or ValueError if there is no such file or it is not one."""
+    data = json.loads((run_dir / MEMBER_FILE).read_text())
+    try:
+        return (str(data["state"]), str(data["key"]), int(data["keeper_pid"]),
+                int(data.get("qemu_pid", 0)), int(data.get("memory_mib", 0)))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{run_dir / MEMBER_FILE}: not a pool member: {err!r}") from None
+
+
 def renice_process(pid: int, nice: int) -> None:
     """Give every thread of pid (vCPUs, I/O) the niceness `nice`."""
     try:
