@@ -3,6 +3,8 @@ snapshot falls back to a cold boot with a log line, and restored guests do not s
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -14,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from runm.guest.image import GuestImage
+from runm.proto import agent as api
+from runm.sandbox.bundle import load_bundle
+from runm.sandbox.run import bundle_shares
 from runm.sandbox.sandbox import Sandbox, vm_run_dir
 from runm.sandbox.snapshot import find_snapshot
 from runm.sandbox.spec import make_busybox_bundle
@@ -104,6 +109,72 @@ def test_restored_guests_have_their_own_randomness_and_the_current_time(
         seen.append(random_hex)
     assert len(seen[0]) == 32
     assert seen[0] != seen[1], "two guests restored from one snapshot share their RNG state"
+
+
+def kernel_text_bundle(tmp_path: Path) -> Path:
+    """A container that writes the guest kernel's text range (_stext, _etext) to /out."""
+    b = make_busybox_bundle(tmp_path / "ktext", [
+        "sh", "-c", "grep -w -e _stext -e _etext /proc/kallsyms > /out"])
+    config = json.loads((b / "config.json").read_text())
+    config["root"]["readonly"] = False
+    for kind in config["process"]["capabilities"]:
+        config["process"]["capabilities"][kind].append("CAP_SYSLOG")  # real addresses
+    (b / "config.json").write_text(json.dumps(config))
+    return b
+
+
+async def _kernel_text_changes(image: GuestImage, tmp_path: Path) -> list[int]:
+    """Bytes of guest kernel code that changed while a container was created, then while it
+    was removed (QMP memsave of _stext.._etext around each)."""
+    ktext = kernel_text_bundle(tmp_path)
+    true = make_busybox_bundle(tmp_path / "true", ["true"])
+    shares = bundle_shares(load_bundle(ktext)) + bundle_shares(load_bundle(true), 1)
+    sandbox = Sandbox.create("ktext", image, vm_run_dir(tmp_path, "ktext"), shares)
+    await sandbox.boot()
+    agent = sandbox.agent
+    assert agent is not None
+
+    async def run(cid: str, bundle: Path, between: list[bytes] | None = None) -> None:
+        await agent.create_container(cid, str(bundle), api.Stdio())
+        if between is not None:
+            between.append(await dump())
+        await agent.start_container(cid)
+        assert (await agent.wait_process(cid)).exit_status == 0
+        await agent.delete_container(cid)
+
+    async def dump() -> bytes:
+        out = tmp_path / "text.bin"
+        await sandbox.vm.qmp("memsave", val=start - (1 << 64), size=end - start,
+                             filename=str(out))
+        return out.read_bytes()
+
+    try:
+        await run("ktext", ktext)
+        symbols = {line.split()[2]: int(line.split()[0], 16)
+                   for line in (ktext / "rootfs" / "out").read_text().splitlines()}
+        start, end = symbols["_stext"], symbols["_etext"]
+        assert 0 < end - start < 64 << 20
+        dumps = [await dump()]
+        await run("true", true, between=dumps)
+        dumps.append(await dump())
+    finally:
+        await sandbox.close()
+    return [changed_bytes(before, after) for before, after in itertools.pairwise(dumps)]
+
+
+def changed_bytes(before: bytes, after: bytes, page: int = 4096) -> int:
+    assert len(before) == len(after)
+    return sum(sum(a != b for a, b in zip(before[o:o + page], after[o:o + page], strict=True))
+               for o in range(0, len(before), page) if before[o:o + page] != after[o:o + page])
+
+
+def test_containers_come_and_go_without_patching_kernel_code(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    """A container's cgroup would switch kernel static keys on (and its removal off), and
+    the kernel patches its code for that: with two vCPUs under TCG, QEMU 7.2 sometimes ran
+    a stale translation of the patch's int3 and the guest locked up. The agent holds those
+    keys on for the VM's life (pid1.hold_kernel_switches); without, this reads [62, 62]."""
+    assert asyncio.run(_kernel_text_changes(guest_image, tmp_path)) == [0, 0]
 
 
 def private_data_dir(tmp_path: Path, image: GuestImage, snapshot: SnapshotFiles,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,12 @@ from runm.sandbox.config import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_default_vcpus_depend_on_the_accelerator() -> None:
+def test_default_vcpus_are_two_at_most_the_hosts_cores() -> None:
     from runm.sandbox.config import default_cpus
 
-    assert default_cpus("tcg") == 1
-    assert default_cpus("kvm") >= 1
-    assert vm_size(spec(), {}, Config(), "tcg").cpus == 1
+    cores = os.cpu_count() or 1
+    assert default_cpus("tcg") == default_cpus("kvm") == min(2, cores)
+    assert vm_size(spec(), {}, Config(), "tcg").cpus == min(2, cores)
 
 
 def test_a_missing_default_file_means_defaults(tmp_path: Path) -> None:

@@ -6,12 +6,16 @@ anything is mounted; the tests check that nothing was.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,6 +92,59 @@ def test_mount_table_covers_what_runc_needs() -> None:
         assert flags & sysapi.MS_NOSUID
 
 
+@pytest.fixture
+def cgroup2(tmp_path: Path) -> Iterator[Path]:
+    """The host's cgroup v2 hierarchy, mounted here (beside its v1 controllers, if any)."""
+    root = tmp_path / "cgroup2"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "cgroup2", "none", str(root)], check=True)
+    try:
+        yield root
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (root / pid1.HOLD_CGROUP).rmdir()
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def device_programs(cgroup: Path) -> int:
+    """How many device programs are attached to the cgroup (BPF_PROG_QUERY)."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ids = (ctypes.c_uint32 * 8)()
+        attr = ctypes.create_string_buffer(struct.pack(
+            "<IIIIQI", fd, sysapi.BPF_CGROUP_DEVICE, 0, 0, ctypes.addressof(ids), 8), 128)
+        sysapi._check(sysapi.libc().syscall(321, 16, attr, 128), "BPF_PROG_QUERY")
+        return int(struct.unpack_from("<I", attr.raw, 24)[0])
+    finally:
+        os.close(fd)
+
+
+def test_held_switches_are_an_empty_cgroup_whose_device_program_allows_all(
+        cgroup2: Path) -> None:
+    assert pid1.hold_kernel_switches(cgroup2) is None
+    hold = cgroup2 / pid1.HOLD_CGROUP
+    assert device_programs(hold) == 1
+    assert (hold / "cgroup.procs").read_text() == ""
+    # A process in it may still open devices: the program allows everything.
+    script = (f"open({str(hold / 'cgroup.procs')!r}, 'w').write('0');"
+              "open('/dev/null', 'w').write('x'); open('/dev/zero', 'rb').read(1)")
+    opened = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=False)
+    assert opened.returncode == 0, opened.stderr
+    assert pid1.hold_kernel_switches(cgroup2) is None  # again (a restarted agent): still one
+    assert device_programs(hold) == 1
+
+
+def test_failing_to_hold_switches_is_reported_not_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    error = pid1.hold_kernel_switches(tmp_path)  # not a cgroup: no device program attaches
+    assert error and "device program" in error
+    assert "holding kernel switches" in capsys.readouterr().err
+    monkeypatch.setattr(sysapi, "_BPF_SYSCALL", {})
+    assert "bpf(2) not known" in str(pid1.hold_kernel_switches(tmp_path))
+
+
 class FakeSystem:
     """Stands in for every host-changing call setup_system makes; records them instead."""
 
@@ -103,6 +160,8 @@ class FakeSystem:
         monkeypatch.setattr(pid1.os.path, "lexists", lambda path: path == "/dev/stdin")
         monkeypatch.setattr(pid1, "enable_cgroup_controllers",
                             lambda root: self.calls.append(("cgroups", str(root))))
+        monkeypatch.setattr(pid1, "hold_kernel_switches",
+                            lambda root: self.calls.append(("hold", str(root))))
         monkeypatch.setattr(pid1, "_loopback_up", lambda: self.calls.append(("lo",)))
 
     def mount(self, source: str, target: str, fstype: str, options: list[str]) -> None:
@@ -135,7 +194,8 @@ def test_setup_system_mounts_what_is_missing_then_links_and_cgroups(
     assert fake.calls.index(("mkdir", "/dev/pts")) < fake.calls.index(mounts[4])
     links = {c[1]: c[2] for c in fake.calls if c[0] == "symlink"}
     assert links == {k: v for k, v in pid1.DEV_LINKS.items() if k != "/dev/stdin"}
-    assert fake.calls[-2:] == [("cgroups", "/sys/fs/cgroup"), ("lo",)]
+    assert fake.calls[-3:] == [("cgroups", "/sys/fs/cgroup"), ("hold", "/sys/fs/cgroup"),
+                               ("lo",)]
 
 
 def test_setup_system_retries_cgroup2_without_nsdelegate(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,6 +58,7 @@ def setup_system() -> None:
             with contextlib.suppress(OSError):
                 os.symlink(target, link)
     enable_cgroup_controllers(Path("/sys/fs/cgroup"))
+    hold_kernel_switches(Path("/sys/fs/cgroup"))
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     _loopback_up()
     network_up()
@@ -92,6 +93,29 @@ def enable_cgroup_controllers(root: Path) -> None:
     for controller in available:
         with contextlib.suppress(OSError):
             (root / "cgroup.subtree_control").write_text(f"+{controller}")
+
+
+HOLD_CGROUP = "runm.hold"
+
+
+def hold_kernel_switches(root: Path) -> str | None:
+    """Turn on, for the VM's life, the kernel's static keys that a container's cgroup would
+    switch on and its removal off again (memcg kmem and socket accounting, cpusets, cgroup
+    device programs): an empty cgroup with every controller and an allow-all device program.
+
+    Flipping a static key rewrites kernel code on every CPU. Under TCG with two vCPUs, QEMU
+    7.2 sometimes kept running a stale translation of a patched site (the int3 of the
+    patch), and the guest looped on it for good (soft lockup in runc's cgroup mkdir). With
+    the keys held, starting and removing containers patches no kernel code (and under TCG
+    retranslates none). Returns what failed, or None (a VM still runs containers without)."""
+    hold = root / HOLD_CGROUP
+    try:
+        hold.mkdir(exist_ok=True)
+        sysapi.attach_allow_all_device_program(str(hold))
+    except OSError as err:
+        print(f"runm-agent: holding kernel switches: {err}", file=sys.stderr)
+        return str(err)
+    return None
 
 
 def _loopback_up() -> None:

@@ -162,3 +162,43 @@ def watch_modify(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# bpf(2) on x86_64 and aarch64; the commands, types and instructions a device program needs.
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+# r0 = 1 (allow); exit
+_ALLOW_ALL = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+
+def _bpf(cmd: int, attr: bytes, what: str) -> int:
+    nr = _BPF_SYSCALL.get(os.uname().machine)
+    if nr is None:
+        raise OSError(38, f"{what}: bpf(2) not known on {os.uname().machine}")
+    buf = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
+    ret = int(libc().syscall(nr, cmd, buf, 128))
+    _check(min(ret, 0), what)  # a descriptor (or 0), or -1
+    return ret
+
+
+def attach_allow_all_device_program(cgroup: str) -> None:
+    """Attach a cgroup v2 device program that allows every device to the cgroup directory.
+    It stays attached (the kernel holds it) until the cgroup is removed."""
+    insns = ctypes.create_string_buffer(_ALLOW_ALL, len(_ALLOW_ALL))
+    license = ctypes.create_string_buffer(b"GPL")
+    prog = _bpf(BPF_PROG_LOAD, struct.pack(
+        "<IIQQ", BPF_PROG_TYPE_CGROUP_DEVICE, len(_ALLOW_ALL) // 8,
+        ctypes.addressof(insns), ctypes.addressof(license)), "loading a device program")
+    try:
+        target = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", target, prog, BPF_CGROUP_DEVICE, 0),
+                 f"attaching a device program to {cgroup}")
+        finally:
+            os.close(target)
+    finally:
+        os.close(prog)
+
