@@ -117,6 +117,43 @@ def test_create_start_wait_with_stdio(tmp_path: Path) -> None:
     run(body())
 
 
+def test_create_with_start_runs_at_once_and_keeps_early_output(tmp_path: Path) -> None:
+    """`runm run` without a terminal creates and starts in one `runc run --detach`: the
+    process may be done before the call returns; its output and status are not lost."""
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            b = agent.bundle("b1", "sh", "-c", "echo quick; echo also >&2; exit 7")
+            out, err = agent.mux.open(3), agent.mux.open(5)
+            pid = await agent.client.create_container(
+                "c1", b, api.Stdio(stdout=3, stderr=5), start=True)
+            assert pid > 0
+            assert (await agent.client.wait_process("c1")).exit_status == 7
+            assert await read_all(out) == b"quick\n"
+            assert await read_all(err) == b"also\n"
+            with pytest.raises(TtrpcError) as exc:  # already started
+                await agent.client.start_container("c1")
+            assert "cannot start" in exc.value.message
+            await agent.client.delete_container("c1")
+    run(body())
+
+
+def test_runc_records_the_cgroup_v2_directory_in_its_state(tmp_path: Path) -> None:
+    from runm.agent.reaper import Reaper
+    from runm.agent.runc import Runc
+
+    runc = Runc(Reaper(), root=str(tmp_path))
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "state.json").write_text(
+        json.dumps({"cgroup_paths": {"": "/sys/fs/cgroup/v2"}}))
+    assert runc.cgroup("v2") == Path("/sys/fs/cgroup/v2")
+    for cid, text in [("v1", json.dumps({"cgroup_paths": {"memory": "/sys/fs/cgroup/m/v1"}})),
+                      ("bad", "{"), ("odd", json.dumps({"cgroup_paths": [""]}))]:
+        (tmp_path / cid).mkdir()
+        (tmp_path / cid / "state.json").write_text(text)
+        assert runc.cgroup(cid) is None
+    assert runc.cgroup("missing") is None
+
+
 def test_signals_and_errors(tmp_path: Path) -> None:
     async def body() -> None:
         async with agent_process(tmp_path) as agent:

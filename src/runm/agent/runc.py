@@ -50,6 +50,16 @@ class Runc:
             raise RuncError(msg or f"runc {args[0]} exited with {status}")
         return out.decode(errors="replace")
 
+    def cgroup(self, container_id: str) -> Path | None:
+        """The container's cgroup v2 directory, as runc recorded it in its state file
+        (there even when the container's process has exited already)."""
+        try:
+            state = json.loads((Path(self.root) / container_id / "state.json").read_text())
+            path = state["cgroup_paths"][""]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return Path(path) if isinstance(path, str) and path else None
+
     async def state(self, container_id: str) -> dict[str, object]:
         out = await self.output(container_id, ["state", container_id])
         state: dict[str, object] = json.loads(out)

@@ -275,7 +275,8 @@ class AgentService:
                              ) from err
         for note in notes:
             log.info("container %s: %s", req.id, note)
-        args = ["create", "--bundle", str(state_dir / "bundle"), "--pid-file", str(pid_file)]
+        verb = ["run", "--detach"] if req.start else ["create"]
+        args = [*verb, "--bundle", str(state_dir / "bundle"), "--pid-file", str(pid_file)]
         if req.no_pivot:
             args.append("--no-pivot")
         stdio = req.stdio or api.Stdio()
@@ -289,8 +290,8 @@ class AgentService:
             with contextlib.suppress(OSError):
                 remove_tree(state_dir)
             raise
-        self.containers[req.id] = ManagedContainer(req.id, req.bundle, proc,
-                                                   cgroup=cgroup_of(proc.pid))
+        self.containers[req.id] = ManagedContainer(
+            req.id, req.bundle, proc, cgroup=self.runc.cgroup(req.id) or cgroup_of(proc.pid))
         return api.CreateContainerResponse(pid=proc.pid, notes=notes)
 
     async def start_container(self, req: api.ContainerRequest, ctx: CallContext) -> api.Empty:

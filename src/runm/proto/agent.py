@@ -72,6 +72,8 @@ class CreateContainerRequest(Message):
     # pod, containers name the sandbox's namespaces by the pid the host knows it by.
     host_pid: int = pfield(6, "uint32")
     guest_pid: int = pfield(7, "uint32")
+    # Start it too (`runc run --detach`): one runc process instead of create's and start's.
+    start: bool = pfield(8, "bool")
 
 
 @dataclass

@@ -34,9 +34,10 @@ class AgentClient:
 
     async def create_container(self, container_id: str, bundle: str, stdio: api.Stdio,
                                *, no_pivot: bool = False, vm_network: bool = False,
-                               pid_alias: tuple[int, int] = (0, 0)) -> int:
+                               pid_alias: tuple[int, int] = (0, 0), start: bool = False) -> int:
+        """Create the container (start: and start it, in one runc run); its init's pid."""
         req = api.CreateContainerRequest(container_id, bundle, stdio, no_pivot, vm_network,
-                                         *pid_alias)
+                                         *pid_alias, start)
         resp = await self._call("CreateContainer", req, api.CreateContainerResponse)
         for note in resp.notes:
             log.info("adapted the spec of %s for the VM: %s", container_id, note)

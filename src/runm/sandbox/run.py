@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runm.atomicfile import write_atomically
+from runm.channel.mux import Mux
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.proto import agent as api
@@ -65,6 +66,12 @@ def bundle_vm_size(bundle: Bundle, image: GuestImage) -> VMSize:
     return size
 
 
+def copy_outputs(mux: Mux, stdout: int, stderr: int) -> list[asyncio.Future[None]]:
+    """Copy the container's stdout and stderr streams to the caller's fds, from now on."""
+    return [hoststdio.copy_stream_to_fd(mux.open(STDOUT_STREAM), stdout),
+            hoststdio.copy_stream_to_fd(mux.open(STDERR_STREAM), stderr)]
+
+
 def write_pid_file(path: str, pid: int) -> None:
     """runc's format: digits only, no newline, written atomically."""
     write_atomically(Path(path).absolute(), str(pid))
@@ -116,13 +123,20 @@ async def run_container(opts: RunOptions) -> int:
         agent_ready = True
         stdio = api.Stdio(stdin=STDIN_STREAM, stdout=STDOUT_STREAM,
                           stderr=0 if terminal else STDERR_STREAM, terminal=terminal)
+        # Without a terminal, one `runc run --detach` creates and starts the container (a
+        # runc process less); its output streams are open before (the mux keeps what comes
+        # first). With one, the pty gets the caller's size between create and start.
+        start_now = not terminal
+        outputs = [] if terminal else copy_outputs(mux, opts.stdout, opts.stderr)
         try:
             await agent.create_container(cid, str(bundle.path), stdio, no_pivot=opts.no_pivot,
-                                         vm_network=sandbox.vm_network)
+                                         vm_network=sandbox.vm_network, start=start_now)
         except TtrpcError as err:
             raise RunmError(err.message) from None
-        opts.timings.mark("runc_create")
-        record.status = "created"
+        opts.timings.mark("runc_run" if start_now else "runc_create")
+        if start_now:
+            started.set()
+        record.status = "running" if start_now else "created"
         opts.store.save(record)
         if opts.pid_file:
             write_pid_file(opts.pid_file, os.getpid())
@@ -132,18 +146,17 @@ async def run_container(opts: RunOptions) -> int:
                 if size:
                     await agent.resize_pty(cid, *size)
                 loop.add_signal_handler(signal.SIGWINCH, on_signal, signal.SIGWINCH)
-            outputs = [hoststdio.copy_stream_to_fd(mux.open(STDOUT_STREAM), opts.stdout)]
-            if not terminal:
-                outputs.append(hoststdio.copy_stream_to_fd(mux.open(STDERR_STREAM), opts.stderr))
+                outputs = [hoststdio.copy_stream_to_fd(mux.open(STDOUT_STREAM), opts.stdout)]
             hoststdio.copy_fd_to_stream(opts.stdin, mux.open(STDIN_STREAM))
-            try:
-                await agent.start_container(cid)
-            except TtrpcError as err:
-                raise RunmError(err.message) from None
-            opts.timings.mark("runc_start")
-            started.set()
-            record.status = "running"
-            opts.store.save(record)
+            if not start_now:
+                try:
+                    await agent.start_container(cid)
+                except TtrpcError as err:
+                    raise RunmError(err.message) from None
+                opts.timings.mark("runc_start")
+                started.set()
+                record.status = "running"
+                opts.store.save(record)
             waited = await agent.wait_process(cid)
             status = waited.exit_status
             if waited.oom_kills:
