@@ -138,7 +138,7 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         fig.notes.append("bare VM phases (median): " + " | ".join(
             f"{k} {fmt_value(Kind.TIME, v)}" for k, v in med.items()))
     fig.notes.append("bare VM: Sandbox.create() to the agent's first answer, in-process (no "
-                     "interpreter start, no shares); runc in a running guest: create, start, "
+                     "interpreter start, no shares); runc in a running guest: runc run -d, "
                      "wait and delete through the agent in a restored VM; native runc: host "
                      "runc, same bundle")
     return fig
