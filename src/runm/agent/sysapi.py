@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import mmap
 import os
@@ -177,7 +178,7 @@ _ALLOW_ALL = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0,
 def _bpf(cmd: int, attr: bytes, what: str) -> int:
     nr = _BPF_SYSCALL.get(os.uname().machine)
     if nr is None:
-        raise OSError(38, f"{what}: bpf(2) not known on {os.uname().machine}")
+        raise OSError(errno.ENOSYS, f"{what}: bpf(2) not known on {os.uname().machine}")
     buf = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
     ret = int(libc().syscall(nr, cmd, buf, 128))
     _check(min(ret, 0), what)  # a descriptor (or 0), or -1
@@ -201,4 +202,3 @@ def attach_allow_all_device_program(cgroup: str) -> None:
             os.close(target)
     finally:
         os.close(prog)
-
