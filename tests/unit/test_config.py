@@ -25,8 +25,8 @@ def test_default_vcpus_are_two_at_most_the_hosts_cores() -> None:
     from runm.sandbox.config import default_cpus
 
     cores = os.cpu_count() or 1
-    assert default_cpus("tcg") == default_cpus("kvm") == min(2, cores)
-    assert vm_size(spec(), {}, Config(), "tcg").cpus == min(2, cores)
+    assert default_cpus() == min(2, cores)
+    assert vm_size(spec(), {}, Config()).cpus == min(2, cores)
 
 
 def test_a_missing_default_file_means_defaults(tmp_path: Path) -> None:

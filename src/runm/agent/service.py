@@ -327,7 +327,7 @@ class AgentService:
     async def _launch(self, proc: ManagedProcess, args: list[str], stdio: api.Stdio,
                       state_dir: Path, pid_file: Path,
                       console_size: tuple[int, int] | None = None) -> None:
-        """Run `runc create|exec` for proc with its stdio wired to mux streams."""
+        """Run `runc create|run --detach|exec` for proc with its stdio wired to mux streams."""
         child_fds: list[int] = []
         keep: list[tuple[str, int]] = []  # (direction, our end)
         console: socket.socket | None = None

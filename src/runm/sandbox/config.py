@@ -58,13 +58,12 @@ class Config:
         return {memory: count for memory, count in sizes.items() if count > 0}
 
 
-def default_cpus(accel: str) -> int:
+def default_cpus() -> int:
     """vCPUs of a VM whose spec and config say nothing: 2, at most the host's cores, with
     any accelerator. Under TCG the second vCPU translates in parallel: a restored guest's
     first runc is ~30% faster. (Two-vCPU TCG guests used to lock up in ~1 of 50 starts, on
     kernel code patched when a container's cgroup switched a static key; the agent holds
     those keys on for the VM's life now: pid1.hold_kernel_switches.)"""
-    del accel  # the same for all; kept so a future accelerator can differ
     return min(2, os.cpu_count() or 1)
 
 
@@ -170,8 +169,7 @@ class VMSize:
     why: str  # for the log: where the numbers came from
 
 
-def vm_size(spec: dict[str, Any], annotations: dict[str, str], config: Config,
-            accel: str = "tcg") -> VMSize:
+def vm_size(spec: dict[str, Any], annotations: dict[str, str], config: Config) -> VMSize:
     """How big the container's VM is (see the module docstring)."""
     d = config.vm
     resources = ((spec.get("linux") or {}).get("resources") or {})
@@ -180,7 +178,7 @@ def vm_size(spec: dict[str, Any], annotations: dict[str, str], config: Config,
     if isinstance(limit, int) and 0 < limit < 1 << 62:
         wanted = math.ceil(limit / (1 << 20)) + d.overhead_mib
         memory, why_memory = _power_of_two_at_least(wanted), "memory limit + overhead"
-    cpus, why_cpus = d.cpus or default_cpus(accel), "default"
+    cpus, why_cpus = d.cpus or default_cpus(), "default"
     cpu = resources.get("cpu") or {}
     quota, period = cpu.get("quota"), cpu.get("period") or 100000
     if isinstance(quota, int) and quota > 0 and isinstance(period, int) and period > 0:

@@ -145,7 +145,7 @@ class Pod:
                 raise RunmError("the pod's VM has stopped")
             shares = self._shares_for(bundle)
             if self.sandbox is None:
-                size = bundle_vm_size(bundle, self.image)
+                size = bundle_vm_size(bundle)
                 if publish is None:
                     publish = resolve_publish([], bundle.annotations)
                 self.sandbox = Sandbox.create(self.name, self.image, self.run_dir, shares,

@@ -24,7 +24,6 @@ from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
 from runm.sandbox.state import ContainerRecord, StateStore
 from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import TtrpcError
-from runm.vm.accel import choose_accelerator
 from runm.vm.base import PortForward, Share
 
 log = logging.getLogger("runm.run")
@@ -58,18 +57,18 @@ def bundle_shares(bundle: Bundle, first_tag: int = 0,
     return [Share(f"share{first_tag + i}", path, str(path)) for i, path in enumerate(paths)]
 
 
-def bundle_vm_size(bundle: Bundle, image: GuestImage) -> VMSize:
+def bundle_vm_size(bundle: Bundle) -> VMSize:
     """The VM size for this bundle's container (logged: it decides which snapshot is used)."""
-    accel = choose_accelerator(image.kernel)
-    size = size_for_spec(bundle.spec, bundle.annotations, load_config(), accel)
+    size = size_for_spec(bundle.spec, bundle.annotations, load_config())
     log.info("VM for %s: %s", bundle.path, size.why)
     return size
 
 
-def copy_outputs(mux: Mux, stdout: int, stderr: int) -> list[asyncio.Future[None]]:
-    """Copy the container's stdout and stderr streams to the caller's fds, from now on."""
-    return [hoststdio.copy_stream_to_fd(mux.open(STDOUT_STREAM), stdout),
-            hoststdio.copy_stream_to_fd(mux.open(STDERR_STREAM), stderr)]
+def copy_outputs(mux: Mux, stdout: int, stderr: int | None) -> list[asyncio.Future[None]]:
+    """Copy the container's stdout and stderr streams to the caller's fds, from now on
+    (stderr None: a terminal, whose one stream is stdout)."""
+    streams = [(STDOUT_STREAM, stdout)] + ([] if stderr is None else [(STDERR_STREAM, stderr)])
+    return [hoststdio.copy_stream_to_fd(mux.open(stream), fd) for stream, fd in streams]
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -86,7 +85,7 @@ async def run_container(opts: RunOptions) -> int:
     opts.store.create(record)
     run_dir = vm_run_dir(opts.store.root, cid)
     record.vm = {"run_dir": str(run_dir), "foreground_pid": os.getpid()}
-    vm_size = bundle_vm_size(bundle, opts.image)
+    vm_size = bundle_vm_size(bundle)
     sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle),
                              memory_mib=vm_size.memory_mib, cpus=vm_size.cpus,
                              publish=opts.publish)
@@ -146,7 +145,7 @@ async def run_container(opts: RunOptions) -> int:
                 if size:
                     await agent.resize_pty(cid, *size)
                 loop.add_signal_handler(signal.SIGWINCH, on_signal, signal.SIGWINCH)
-                outputs = [hoststdio.copy_stream_to_fd(mux.open(STDOUT_STREAM), opts.stdout)]
+                outputs = copy_outputs(mux, opts.stdout, None)
             hoststdio.copy_fd_to_stream(opts.stdin, mux.open(STDIN_STREAM))
             if not start_now:
                 try:

@@ -135,7 +135,7 @@ class Sandbox:
         if not memory_mib or not cpus:
             defaults = load_config().vm
             memory_mib = memory_mib or defaults.memory_mib
-            cpus = cpus or defaults.cpus or default_cpus(choose_accelerator(image.kernel))
+            cpus = cpus or defaults.cpus or default_cpus()
         config = VMConfig(name=name, kernel=image.kernel, initrd=image.initrd,
                           rootfs=image.rootfs, run_dir=run_dir, memory_mib=memory_mib,
                           cpus=cpus, shares=shares, publish=list(publish or []))
