@@ -3,6 +3,7 @@ QEMU (a child of the waiter, as QEMU is of the keeper) and socket pairs for its 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,11 +14,20 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from runm.sandbox import pool
-from runm.sandbox.poolwait import CLAIM_SOCKET, LOG_FILE, MEMBER_FILE, write_member
+from runm.sandbox.poolwait import (
+    CLAIM_SOCKET,
+    LOG_FILE,
+    MEMBER_FILE,
+    WAIT_NICE,
+    set_priority,
+    write_member,
+)
+from runm.sandbox.sandbox import Sandbox, Timings
 from runm.vm.base import SnapshotFiles
 from tests.conftest import wait_until
 
@@ -53,9 +63,11 @@ def member(tmp_path: Path) -> Iterator[Member]:
     pairs = [socket.socketpair() for _ in range(2)]
     theirs = [a.fileno() for a, _ in pairs]
     # sh starts the VM stand-in, then becomes the waiter: the stand-in is the waiter's child.
+    # Both begin as SCHED_IDLE, as a keeper and its QEMU do.
     script = (f'sleep 600 & exec {sys.executable} -m runm.sandbox.poolwait '
               f'"$0" $! {KEY} {MEMORY} {theirs[0]},{theirs[1]}')
-    waiter = subprocess.Popen(["sh", "-c", script, str(run_dir)], pass_fds=theirs)
+    waiter = subprocess.Popen(["chrt", "--idle", "0", "sh", "-c", script, str(run_dir)],
+                              pass_fds=theirs)
     for a, _ in pairs:
         a.close()
     assert wait_until(lambda: (run_dir / MEMBER_FILE).exists())
@@ -71,12 +83,20 @@ def member(tmp_path: Path) -> Iterator[Member]:
         peer.close()
 
 
+def scheduling(pid: int) -> tuple[int, int]:
+    """(policy, niceness) of pid."""
+    return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)
+
+
 def test_a_ready_member_is_published(member: Member) -> None:
     assert member.member_file() == {"state": "ready", "key": KEY, "memory_mib": MEMORY,
                                     "keeper_pid": member.waiter.pid, "qemu_pid": member.vm_pid}
     assert [m.run_dir for m in pool.members(member.run_dir.parent)] == [member.run_dir]
     assert (member.run_dir / CLAIM_SOCKET).is_socket()
     assert "pooled VM ready" in (member.run_dir / LOG_FILE).read_text()
+    # Prepared on idle CPUs only; waiting, at a niceness that still answers a claim at once.
+    assert scheduling(member.waiter.pid) == (os.SCHED_OTHER, WAIT_NICE)
+    assert scheduling(member.vm_pid) == (os.SCHED_OTHER, WAIT_NICE)
 
 
 def test_a_claim_moves_the_member_and_hands_over_its_connections(member: Member,
@@ -85,6 +105,7 @@ def test_a_claim_moves_the_member_and_hands_over_its_connections(member: Member,
     snapshot = SnapshotFiles(ram=tmp_path / KEY / "ram", state=tmp_path / KEY / "state")
     qemu_pid, fds = pool.claim(member.run_dir.parent, snapshot, target)
     assert qemu_pid == member.vm_pid
+    assert scheduling(qemu_pid) == (os.SCHED_OTHER, 0)  # the taker's VM: normal priority
     assert not member.run_dir.exists() and target.is_dir()
     assert not (target / MEMBER_FILE).exists() and not (target / CLAIM_SOCKET).exists()
     assert pool.members(member.run_dir.parent) == []  # taken: no longer in the pool
@@ -158,7 +179,11 @@ def test_starts_that_refill_at_once_do_not_overshoot_the_pool_sizes(
     assert pool.set_pool_size(base, 2) == {512: 2}
     assert pool.set_pool_size(base, 1, 1024) == {512: 2, 1024: 1}
     started: list[list[str]] = []
-    monkeypatch.setattr(pool.subprocess, "Popen", lambda argv, **_: started.append(argv))
+
+    def popen(argv: list[str], **_: object) -> SimpleNamespace:
+        started.append(argv)
+        return SimpleNamespace(pid=2**22 + 1)  # above any pid_max: nothing to renice
+    monkeypatch.setattr(pool.subprocess, "Popen", popen)
     barrier = threading.Barrier(8)
 
     def refill() -> None:
@@ -203,3 +228,58 @@ def test_member_files_that_are_not_members_are_left_out(tmp_path: Path) -> None:
     write_member(good, "ready", "k1", os.getpid(), 0, 256)
     assert [(m.run_dir.name, m.state, m.key, m.memory_mib) for m in pool.members(tmp_path)] == [
         ("pool-good", "ready", "k1", 256)]
+
+
+def test_set_priority_covers_every_thread_and_threads_made_later() -> None:
+    # python with a thread already running when the class changes, and one started after.
+    script = ("import sys, threading, time\n"
+              "def spin(): time.sleep(600)\n"
+              "threading.Thread(target=spin, daemon=True).start()\n"
+              "sys.stdout.write('1\\n'); sys.stdout.flush(); sys.stdin.readline()\n"
+              "threading.Thread(target=spin, daemon=True).start()\n"
+              "sys.stdout.write('2\\n'); sys.stdout.flush(); sys.stdin.readline()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"1\n"
+        set_priority(proc.pid, idle=True)
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"2\n"
+        threads = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        assert len(threads) == 3
+        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_IDLE}
+        set_priority(proc.pid, 7)
+        assert {scheduling(t) for t in threads} == {(os.SCHED_OTHER, 7)}
+    finally:
+        proc.kill()
+        proc.wait(10)
+    set_priority(proc.pid, 0)  # gone: nothing to do, no error
+
+
+class FakeVM:
+    run_dir = Path("/nonexistent")
+
+
+def test_a_start_refills_the_pool_once_its_container_runs(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """Preparing a member costs seconds of CPU: it must not overlap the start that drew on
+    the pool, so the refill waits for refill_pool() (or close())."""
+    refills: list[Path] = []
+    monkeypatch.setenv("RUNM_RUN_DIR", str(tmp_path))
+    monkeypatch.setattr(pool, "claim", lambda base, snapshot, run_dir: (0, []))
+
+    def refill(base: Path) -> int:
+        refills.append(base)
+        return 1
+    monkeypatch.setattr(pool, "refill", refill)
+    sandbox = Sandbox(FakeVM(), [])  # type: ignore[arg-type]
+    snapshot = SnapshotFiles(ram=tmp_path / KEY / "ram", state=tmp_path / KEY / "state")
+    assert asyncio.run(sandbox._from_pool(Timings(), snapshot)) is False  # pool empty
+    assert refills == []
+    sandbox.refill_pool()
+    sandbox.refill_pool()
+    assert refills == [tmp_path]
+    Sandbox(FakeVM(), []).refill_pool()  # type: ignore[arg-type]
+    assert refills == [tmp_path], "a start that did not ask the pool does not refill it"

@@ -172,6 +172,7 @@ class Pod:
                 io.close()
                 raise RunmError(err.message) from None
             self.containers[cid] = PodContainer(cid, bundle, proc)
+            self.sandbox.refill_pool()
             self._spawn(self._watch(proc))
             if self.on_oom is not None:
                 self._spawn(self._watch_oom(cid, self.on_oom))

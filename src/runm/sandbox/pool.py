@@ -14,8 +14,8 @@ interpreter that prepared it. QEMU is the keeper's child (PDEATHSIG) through bot
 nothing outlives the keeper.
 
 The pool keeps a number of members per guest memory size: none unless `runm pool fill` (which
-writes RUN_BASE/pool-sizes.json) or the config file's [pool] says so. Every start refills it
-in the background.
+writes RUN_BASE/pool-sizes.json) or the config file's [pool] says so. A start that drew on it
+refills it in the background once its container runs (Sandbox.refill_pool).
 """
 
 from __future__ import annotations
@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING
 from runm.atomicfile import write_atomically
 from runm.filelock import hold, open_lock
 from runm.sandbox.config import load_config
-from runm.sandbox.poolwait import CLAIM_SOCKET, CLAIM_TIMEOUT, LOG_FILE, read_member, write_member
+from runm.sandbox.poolwait import (
+    CLAIM_SOCKET,
+    CLAIM_TIMEOUT,
+    LOG_FILE,
+    read_member,
+    set_priority,
+    write_member,
+)
 from runm.vm.base import IO_PORT, SnapshotFiles
 
 if TYPE_CHECKING:
@@ -51,9 +58,6 @@ MEMBER_PREFIX = "pool-"
 SIZE_FILE = "pool-sizes.json"
 REFILL_LOCK = ".pool-refill.lock"
 WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
-# Keepers (and so their QEMU) prepare VMs at this niceness: refilling the pool must not slow
-# down the start that just took a member. A taken VM gets normal priority back.
-BACKGROUND_NICE = 10
 
 
 @dataclass
@@ -185,10 +189,13 @@ def start_keeper(base: Path, memory_mib: int) -> Path:
     run_dir.mkdir(mode=0o700)
     # Counted at once; the keeper fills in its pid.
     Member(run_dir, "starting", "", 0, memory_mib=memory_mib).write()
-    subprocess.Popen([sys.executable, "-m", "runm.sandbox.pool", "keep", str(run_dir),
-                      str(memory_mib)],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    keeper = subprocess.Popen([sys.executable, "-m", "runm.sandbox.pool", "keep", str(run_dir),
+                               str(memory_mib)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    # Preparing a member (restore, warm-up: seconds of TCG) runs only on CPUs that nothing
+    # else wants, from its first instruction on; poolwait gives it a normal class once it waits.
+    set_priority(keeper.pid, idle=True)
     return run_dir
 
 
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(filename=str(run_dir / LOG_FILE), level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    os.nice(BACKGROUND_NICE)
+    set_priority(os.getpid(), idle=True)  # again, for a keeper not run by start_keeper
 
     async def body() -> int:
         keeper = Keeper(run_dir, args.memory_mib)

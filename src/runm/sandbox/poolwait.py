@@ -54,15 +54,26 @@ def read_member(run_dir: Path) -> tuple[str, str, int, int, int]:
         raise ValueError(f"{run_dir / MEMBER_FILE}: not a pool member: {err!r}") from None
 
 
-def renice_process(pid: int, nice: int) -> None:
-    """Give every thread of pid (vCPUs, I/O) the niceness `nice`."""
+# A waiting member's keeper and QEMU run at this niceness: an idle VM, but a claim must be
+# answered at once even on a busy host (SCHED_IDLE would leave it waiting for a free CPU).
+WAIT_NICE = 10
+
+
+def set_priority(pid: int, nice: int = 0, *, idle: bool = False) -> None:
+    """Schedule every thread of pid (vCPUs, I/O): with idle, as SCHED_IDLE, which runs only
+    on CPUs nothing else wants; else normally, at niceness `nice`. Threads made later
+    inherit it."""
     try:
         threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return
-    for tid in threads:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    for tid in map(int, threads):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            if idle:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 class Waiter:
@@ -84,6 +95,9 @@ class Waiter:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} runm.pool INFO {message}\n")
 
     def run(self) -> int:
+        # Prepared as SCHED_IDLE (runm.sandbox.pool); waiting, it must answer a claim soon.
+        set_priority(os.getpid(), WAIT_NICE)
+        set_priority(self.qemu_pid, WAIT_NICE)
         signal.set_wakeup_fd(self._signals_w)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: None)  # the wakeup fd carries it
@@ -144,7 +158,7 @@ class Waiter:
                 with contextlib.suppress(FileNotFoundError):
                     (target / name).unlink()
             self.taker_pid = taker
-            renice_process(self.qemu_pid, 0)
+            set_priority(self.qemu_pid, 0)
             reply: dict[str, object] = {"qemu_pid": self.qemu_pid}
             fds = self.fds
             self.log(f"taken by pid {taker} into {target}")

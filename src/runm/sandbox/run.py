@@ -135,6 +135,7 @@ async def run_container(opts: RunOptions) -> int:
         opts.timings.mark("runc_run" if start_now else "runc_create")
         if start_now:
             started.set()
+            sandbox.refill_pool()
         record.status = "running" if start_now else "created"
         opts.store.save(record)
         if opts.pid_file:
@@ -154,6 +155,7 @@ async def run_container(opts: RunOptions) -> int:
                     raise RunmError(err.message) from None
                 opts.timings.mark("runc_start")
                 started.set()
+                sandbox.refill_pool()
                 record.status = "running"
                 opts.store.save(record)
             waited = await agent.wait_process(cid)

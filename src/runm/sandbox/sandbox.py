@@ -125,6 +125,7 @@ class Sandbox:
         self.kernel_release = ""
         self.restored = False  # started from a snapshot rather than a cold boot
         self.pooled = False  # taken from the warm pool (restored and warmed up in advance)
+        self._refill_due = False  # this start asked the pool for a member: see refill_pool
         self.progress: Callable[[str], None] | None = None
 
     @classmethod
@@ -182,11 +183,23 @@ class Sandbox:
             await self._reset()
             return False
         finally:
-            pool.refill(run_base())  # in the background: keepers are their own processes
+            self._refill_due = True
         self.restored = self.pooled = True
         log.info("VM %s taken from the pool in %.2fs", self.vm.config.name,
                  time.monotonic() - began)
         return True
+
+    def refill_pool(self) -> None:
+        """Refill the pool this start drew on (a no-op if it did not, or did already).
+
+        Called once the container runs, not at the claim: preparing a member is seconds of
+        CPU, and even at the lowest priority it slowed this start's `runc run` twofold on a
+        2-core host. Keepers are their own processes: this returns at once."""
+        if self._refill_due:
+            from runm.sandbox import pool
+
+            self._refill_due = False
+            pool.refill(run_base())
 
     async def snapshot(self, timings: Timings) -> SnapshotFiles | None:
         """The snapshot this VM can start from (made now if missing), or None: boot cold."""
@@ -267,6 +280,7 @@ class Sandbox:
         """Stop the VM and remove every trace. Once the agent has answered Shutdown, every
         write has reached the host and the VM is simply killed (a guest power-off under TCG
         takes ~0.2 s); QMP quit, then SIGKILL, if the agent does not answer."""
+        self.refill_pool()  # a start that failed before its container ran
         try:
             if self.agent is not None and not self.vm.exited():
                 try:
