@@ -61,6 +61,30 @@ def test_a_start_takes_a_warm_vm_and_the_pool_refills(pool: Runm, tmp_path: Path
     assert wait_until(refilled, timeout=120), pool_members(pool)
 
 
+def test_a_pooled_vm_leaves_its_taker_every_hot_plug_port(pool: Runm, tmp_path: Path) -> None:
+    """The warm-up runs from a hot-plugged share and unplugs it again: a container with as
+    many shares as a restored VM can take (the bundle and 7 volumes) still gets the pooled VM."""
+    member = pool_members(pool)[0]
+    run_dir = Path(member["run_dir"])
+    assert not (run_dir / "runm-warmup").exists(), "the warm-up bundle must be gone"
+    assert not [cmd for cmd in vm_processes().values()
+                if "virtiofsd" in cmd.split(" ", 1)[0]], "the warm-up's virtiofsd must be gone"
+    b = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "cat /v*/f"])
+    config = json.loads((b / "config.json").read_text())
+    for i in range(7):
+        volume = tmp_path / f"vol{i}"
+        volume.mkdir()
+        (volume / "f").write_text(f"{i}\n")
+        config["mounts"].append({"destination": f"/v{i}", "type": "bind",
+                                 "source": str(volume), "options": ["rbind", "ro"]})
+    (b / "config.json").write_text(json.dumps(config))
+    log = tmp_path / "run.log"
+    result = pool.run("--log", str(log), "run", "-b", str(b), "ports8")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"".join(f"{i}\n".encode() for i in range(7))
+    assert TAKEN in log.read_text(), log.read_text()
+
+
 def test_a_detached_container_runs_in_a_pooled_vm(pool: Runm, tmp_path: Path) -> None:
     b = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
     result = pool.run_detached("--log", str(tmp_path / "c.log"), "run", "-d", "-b", str(b), "d1")

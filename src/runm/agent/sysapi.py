@@ -66,6 +66,10 @@ def mount(source: str, target: str, fstype: str, options: list[str] | None = Non
     _check(ret, f"mounting {fstype} {source} on {target}")
 
 
+def umount(target: str) -> None:
+    _check(libc().umount2(target.encode(), 0), f"unmounting {target}")
+
+
 def prctl(option: int, arg: int) -> None:
     _check(libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
 

@@ -52,6 +52,16 @@ class MountRequest(Message):
 
 
 @dataclass
+class WarmUpRequest(Message):
+    """Mount the hot-plugged virtiofs share `tag` at `bundle` (waiting up to wait_ms for it
+    to appear), run the container bundle there to its exit, then unmount it."""
+
+    tag: str = pfield(1, "string")
+    bundle: str = pfield(2, "string")
+    wait_ms: int = pfield(3, "uint32")
+
+
+@dataclass
 class Stdio(Message):
     stdin: int = pfield(1, "uint32")
     stdout: int = pfield(2, "uint32")

@@ -99,9 +99,10 @@ class AgentClient:
         """End this connection on the agent's side (before a snapshot or a hand-over)."""
         await self._call("Quiesce", api.QuiesceRequest(for_snapshot), api.Empty, timeout)
 
-    async def warm_up(self, timeout: float | None = None) -> None:
-        """Run a throwaway container in the guest (see AgentService.warm_up)."""
-        await self._call("WarmUp", api.Empty(), api.Empty, timeout)
+    async def warm_up(self, tag: str, bundle: str, wait_ms: int,
+                      timeout: float | None = None) -> None:
+        """Run the busybox bundle on share `tag` in the guest (see AgentService.warm_up)."""
+        await self._call("WarmUp", api.WarmUpRequest(tag, bundle, wait_ms), api.Empty, timeout)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         await self._call("Shutdown", api.Empty(), api.Empty, timeout)

@@ -43,6 +43,7 @@ FAST_KERNEL_ARGS = [
 # PCIe root ports reserved at boot so a restored snapshot can take this many virtiofs shares.
 HOTPLUG_ROOT_PORTS = 8
 MIGRATION_TIMEOUT = 30.0
+UNPLUG_TIMEOUT = 10.0  # device_del needs the guest's consent (ACPI eject): ~0.1 s under TCG
 GUEST_NETWORK = str(ipaddress.ip_network(network.GUEST_CIDR, strict=False))
 _ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
 
@@ -304,6 +305,31 @@ class QemuVM(VirtualMachine):
             self.config.shares.remove(share)
             raise
 
+    async def remove_share(self, share: Share) -> None:
+        """Unplug the last hot-plugged share (the guest has unmounted it) and end its
+        virtiofsd: the VM is as before add_share."""
+        index = self.config.shares.index(share)
+        if index != len(self.config.shares) - 1 or not self._hotplugged:
+            raise VMError(f"{share.host_path}: only the last hot-plugged share can be removed")
+        client = self._qmp
+        assert client is not None
+        with client.listen("DEVICE_DELETED") as deleted:
+            await self.qmp("device_del", id=f"fsdev{index}")
+
+            async def gone() -> None:
+                while (await deleted.get()).get("data", {}).get("device") != f"fsdev{index}":
+                    pass
+            try:
+                await asyncio.wait_for(gone(), UNPLUG_TIMEOUT)
+            except TimeoutError:
+                raise VMError(f"the guest did not release {share.host_path} within "
+                              f"{UNPLUG_TIMEOUT:.0f}s") from None
+        await self.qmp("chardev-remove", id=f"fs{index}")
+        helper = self._helpers.pop()  # started by _hotplug_share, in order
+        await self._reap_helper(helper, 5.0)  # it exits once QEMU hangs up
+        self.config.shares.remove(share)
+        self._hotplugged -= 1
+
     async def _hotplug_share(self, share: Share) -> None:
         """Attach a virtiofs share (one of config.shares) to the running guest, into the next
         free reserved root port."""
@@ -407,13 +433,17 @@ class QemuVM(VirtualMachine):
             await client.disconnect()
 
     async def _reap_helpers(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
         for helper in self._helpers:
-            try:
-                await asyncio.wait_for(loop.run_in_executor(None, helper.wait), timeout)
-            except TimeoutError:
-                helper.kill()
-                await loop.run_in_executor(None, helper.wait)
+            await self._reap_helper(helper, timeout)
+
+    @staticmethod
+    async def _reap_helper(helper: subprocess.Popen[bytes], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, helper.wait), timeout)
+        except TimeoutError:
+            helper.kill()
+            await loop.run_in_executor(None, helper.wait)
 
     def kill(self) -> None:
         if self._adopted_pidfd >= 0:
