@@ -269,7 +269,8 @@ class Harness:
 
     async def _bare_vm(self, name: str, snapshot: bool) -> RunResult:
         from runm.errors import RunmError
-        from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
+        from runm.sandbox.rundir import vm_run_dir
+        from runm.sandbox.sandbox import Sandbox, Timings
 
         self._runm_ids.append(name)
         timings = Timings()
@@ -301,7 +302,8 @@ class Harness:
         from runm.proto import agent as api
         from runm.sandbox.bundle import load_bundle
         from runm.sandbox.run import bundle_shares
-        from runm.sandbox.sandbox import Sandbox, vm_run_dir
+        from runm.sandbox.rundir import vm_run_dir
+        from runm.sandbox.sandbox import Sandbox
         from runm.ttrpc import TtrpcError
 
         self._runm_ids.append(name)
@@ -339,7 +341,7 @@ class Harness:
 
     def pool_members(self) -> list[Any]:
         from runm.sandbox import pool
-        from runm.sandbox.sandbox import run_base
+        from runm.sandbox.rundir import run_base
 
         return pool.members(run_base())
 
@@ -362,7 +364,7 @@ class Harness:
 
     def close(self) -> list[str]:
         """Stop and remove everything the bench started; return what had to be cleaned."""
-        from runm.sandbox.sandbox import vm_run_dir
+        from runm.sandbox.rundir import vm_run_dir
 
         cleaned: list[str] = []
         if self.pool_members():

@@ -10,3 +10,8 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """A --pid-file in runc's format: digits only, no newline, written atomically."""
+    write_atomically(Path(path).absolute(), str(pid))

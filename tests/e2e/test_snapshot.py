@@ -19,7 +19,8 @@ from runm.guest.image import GuestImage
 from runm.proto import agent as api
 from runm.sandbox.bundle import load_bundle
 from runm.sandbox.run import bundle_shares
-from runm.sandbox.sandbox import Sandbox, vm_run_dir
+from runm.sandbox.rundir import vm_run_dir
+from runm.sandbox.sandbox import Sandbox
 from runm.sandbox.snapshot import find_snapshot
 from runm.sandbox.spec import make_busybox_bundle
 from runm.vm.accel import choose_accelerator

@@ -178,7 +178,7 @@ def cmd_pool_fill(args: argparse.Namespace) -> int:
 
     from runm.sandbox import pool
     from runm.sandbox.config import MIN_MEMORY_MIB, config_path
-    from runm.sandbox.sandbox import run_base
+    from runm.sandbox.rundir import run_base
 
     if args.size is not None and args.size < 0:
         raise RunmError(f"invalid pool size {args.size}: must be 0 or more")
@@ -224,7 +224,7 @@ def cmd_pool_fill(args: argparse.Namespace) -> int:
 
 def cmd_pool_list(args: argparse.Namespace) -> int:
     from runm.sandbox import pool
-    from runm.sandbox.sandbox import run_base
+    from runm.sandbox.rundir import run_base
 
     base = run_base()
     members = pool.members(base)
@@ -248,7 +248,7 @@ def cmd_pool_list(args: argparse.Namespace) -> int:
 
 def cmd_pool_drain(args: argparse.Namespace) -> int:
     from runm.sandbox import pool
-    from runm.sandbox.sandbox import run_base
+    from runm.sandbox.rundir import run_base
 
     pool.set_pool_size(run_base(), 0)
     pool.drain(run_base())

@@ -34,14 +34,6 @@ from runm.guest.init_script import (
     MODULE_DIR,
     MODULE_ORDER_FILE,
 )
-from runm.guest.initramfs import (
-    ModuleError,
-    builtin_modules,
-    load_order,
-    read_module,
-    scan_modules,
-    write_initramfs,
-)
 
 __all__ = [
     "AGENT_PACKAGES",
@@ -538,6 +530,14 @@ def _prepare_kernel(
     vmlinux = extract_vmlinux(vmlinuz.read_bytes(), lz4=tools.get("lz4"), zstd=shutil.which("zstd"))
     (base / BASE_VMLINUX).write_bytes(vmlinux)
 
+    from runm.guest.initramfs import (  # building only: not on every start's import path
+        ModuleError,
+        builtin_modules,
+        load_order,
+        read_module,
+        scan_modules,
+    )
+
     moddir = unpacked / "lib/modules" / release
     out = base / BASE_MODULES
     try:
@@ -741,6 +741,8 @@ def install_agent(tree: Path, runm_root: Path, tools: dict[str, str]) -> int:
 
 
 def build_initrd(base: Path, out: Path) -> None:
+    from runm.guest.initramfs import write_initramfs
+
     order = (base / BASE_MODULES / "order").read_text().split()
     modules = [(name, (base / BASE_MODULES / f"{name}.ko").read_bytes()) for name in order]
     write_initramfs(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -77,13 +76,17 @@ def load_config(path: Path | None = None, required: bool | None = None) -> Confi
     if path is None:
         path, required = config_path()
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         if required:
             raise RunmError(f"config {path}: no such file") from None
         return Config()
     except (OSError, UnicodeDecodeError) as err:
         raise RunmError(f"config {path}: {err}") from None
+    import tomllib  # only with a file to read: most hosts have none, and it is ~4 ms a start
+
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise RunmError(f"config {path}: {err}") from None
     return parse_config(data, str(path))

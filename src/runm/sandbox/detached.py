@@ -20,22 +20,23 @@ import time
 import tty
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from runm.atomicfile import write_pid_file
 from runm.channel.stream import AsyncioByteStream
 from runm.errors import RunmError
-from runm.guest.image import GuestImage
 from runm.proto import agent as api
 from runm.proto.codec import Message
-from runm.sandbox.bundle import Bundle
-from runm.sandbox.monitor import MonitorConfig, attach_socket, monitor_socket
-from runm.sandbox.run import write_pid_file
-from runm.sandbox.sandbox import vm_run_dir
+from runm.sandbox.rundir import attach_socket, monitor_socket, vm_run_dir
 from runm.sandbox.standin import stand_in
 from runm.sandbox.state import ContainerRecord, StateStore
 from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import Client, TtrpcError
-from runm.vm.base import PortForward
+
+if TYPE_CHECKING:  # `state`, `kill` and the like do without the VM machinery's imports
+    from runm.guest.image import GuestImage
+    from runm.sandbox.bundle import Bundle
+    from runm.vm.base import PortForward
 
 M = TypeVar("M", bound=Message)
 MONITOR_EXIT_TIMEOUT = 30.0
@@ -90,6 +91,8 @@ class CreateOptions:
 
 
 def create(opts: CreateOptions) -> ContainerRecord:
+    from runm.sandbox.monitor import MonitorConfig
+
     cid, bundle, store = opts.container_id, opts.bundle, opts.store
     terminal = bundle.terminal
     if terminal and not opts.console_socket:

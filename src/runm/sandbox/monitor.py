@@ -34,6 +34,7 @@ from runm.proto import agent as api
 from runm.sandbox import hoststdio
 from runm.sandbox.bundle import load_bundle
 from runm.sandbox.pod import Pod, PodProcess
+from runm.sandbox.rundir import attach_socket, monitor_socket
 from runm.sandbox.state import StateStore
 from runm.ttrpc import CallContext, Code, Server, TtrpcError, serve_unix
 
@@ -65,14 +66,6 @@ class MonitorConfig:
     @classmethod
     def load(cls, path: Path) -> MonitorConfig:
         return cls(**json.loads(path.read_text()))
-
-
-def monitor_socket(run_dir: Path) -> Path:
-    return run_dir / "monitor.sock"
-
-
-def attach_socket(run_dir: Path) -> Path:
-    return run_dir / "attach.sock"
 
 
 class Monitor:

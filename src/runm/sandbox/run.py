@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runm.atomicfile import write_atomically
+from runm.atomicfile import write_pid_file
 from runm.channel.mux import Mux
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
@@ -20,7 +20,8 @@ from runm.sandbox import hoststdio
 from runm.sandbox.bundle import Bundle
 from runm.sandbox.config import VMSize, load_config
 from runm.sandbox.config import vm_size as size_for_spec
-from runm.sandbox.sandbox import Sandbox, Timings, vm_run_dir
+from runm.sandbox.rundir import vm_run_dir
+from runm.sandbox.sandbox import Sandbox, Timings
 from runm.sandbox.state import ContainerRecord, StateStore
 from runm.sandbox.tty import RawTerminal, window_size
 from runm.ttrpc import TtrpcError
@@ -69,11 +70,6 @@ def copy_outputs(mux: Mux, stdout: int, stderr: int | None) -> list[asyncio.Futu
     (stderr None: a terminal, whose one stream is stdout)."""
     streams = [(STDOUT_STREAM, stdout)] + ([] if stderr is None else [(STDERR_STREAM, stderr)])
     return [hoststdio.copy_stream_to_fd(mux.open(stream), fd) for stream, fd in streams]
-
-
-def write_pid_file(path: str, pid: int) -> None:
-    """runc's format: digits only, no newline, written atomically."""
-    write_atomically(Path(path).absolute(), str(pid))
 
 
 async def run_container(opts: RunOptions) -> int:

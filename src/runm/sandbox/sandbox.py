@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -17,6 +16,7 @@ from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.sandbox.agent_client import AgentClient
 from runm.sandbox.config import default_cpus, load_config
+from runm.sandbox.rundir import run_base, vm_run_dir
 from runm.sandbox.snapshot import discard_snapshot, ensure_snapshot, snapshots_enabled
 from runm.ttrpc import Client, TtrpcError
 from runm.vm.accel import choose_accelerator
@@ -38,17 +38,6 @@ RESTORE_TIMEOUT = 10.0  # a restored agent answers in ~0.1 s; past this, boot co
 
 def boot_timeout() -> float:
     return float(os.environ.get("RUNM_BOOT_TIMEOUT", "90"))
-
-
-def run_base() -> Path:
-    """Where VM run dirs (and pool members) live: $RUNM_RUN_DIR, else /run/runm-vm."""
-    return Path(os.environ.get("RUNM_RUN_DIR", "/run/runm-vm"))
-
-
-def vm_run_dir(root: Path, container_id: str) -> Path:
-    """Short per-VM socket dir: unix socket paths are limited to 107 bytes, ids can be 64."""
-    digest = hashlib.sha256(f"{root.resolve()}\0{container_id}".encode()).hexdigest()[:16]
-    return run_base() / digest
 
 
 class Timings:

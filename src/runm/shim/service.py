@@ -29,7 +29,7 @@ from runm.proto import task as api
 from runm.proto.codec import Message
 from runm.sandbox.bundle import load_bundle, validate_id
 from runm.sandbox.pod import KILLED_STATUS, Pod, PodProcess
-from runm.sandbox.sandbox import vm_run_dir
+from runm.sandbox.rundir import vm_run_dir
 from runm.shim import rootfs
 from runm.shim.events import Publisher
 from runm.shim.metrics import metrics_from_runc_stats
