@@ -34,6 +34,7 @@ from runm.vm.qemu import HOTPLUG_ROOT_PORTS, QemuVM
 log = logging.getLogger("runm.sandbox")
 
 RESTORE_TIMEOUT = 10.0  # a restored agent answers in ~0.1 s; past this, boot cold instead
+RESTORE_ASK_AGAIN = 2.0  # a restored agent that has not answered by then is asked again
 
 
 def boot_timeout() -> float:
@@ -54,26 +55,42 @@ class Timings:
         self.last = now
 
 
-async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float) -> str:
+async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float,
+                     ask_again_after: float = 0.0) -> str:
     """Wait for the agent's first answer, then give it the clock and fresh entropy (a
     restored guest has the snapshot's); return the guest's kernel release.
 
     Requests sent before the guest opens its port wait in the socket (QEMU reads the
-    chardev only once the port is open), so one probe suffices; the clock goes in a second
-    call because the probe may have waited for the whole boot.
+    chardev only once the port is open), so one probe suffices for a boot; the clock goes
+    in a second call because the probe may have waited for the whole boot. A restored guest
+    answers within ~0.3 s: with ask_again_after, one that has not by then is asked again,
+    since a second request makes QEMU notify the guest's port again should the first
+    notification have been lost (QEMU 7.2 lost some around `stop`/`cont` of pooled VMs).
     """
-    probe = asyncio.ensure_future(agent.setup(0, b""))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    probes = [asyncio.ensure_future(agent.setup(0, b""))]
     exit_wait = asyncio.ensure_future(vm.wait_exit())
     try:
-        done, _ = await asyncio.wait({probe, exit_wait}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if exit_wait in done:
-            raise RunmError(_boot_failure(vm, f"VM exited with {exit_wait.result()}"))
-        if probe not in done:
-            raise RunmError(_boot_failure(
-                vm, f"guest agent did not answer within {timeout:.0f}s"))
+        while True:
+            left = deadline - loop.time()
+            step = min(left, ask_again_after) if ask_again_after > 0 else left
+            done, _ = await asyncio.wait({*probes, exit_wait}, timeout=max(step, 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if exit_wait in done:
+                raise RunmError(_boot_failure(vm, f"VM exited with {exit_wait.result()}"))
+            answered = [probe for probe in probes if probe in done]
+            if answered:
+                break
+            if loop.time() >= deadline:
+                raise RunmError(_boot_failure(
+                    vm, f"guest agent did not answer within {timeout:.0f}s"))
+            log.warning("guest agent of %s has not answered after %.1fs: asking again",
+                        vm.config.name, timeout - left + step)
+            probes.append(asyncio.ensure_future(agent.setup(0, b"")))
+            ask_again_after = 0.0  # once: past that, it is the guest, not a notification
         try:
-            probe.result()
+            answered[0].result()
             setup = await agent.setup(time.time_ns(), os.urandom(64), timeout=10)
         except ConnectionError as err:
             # The channel closes when QEMU exits: report the exit, not the symptom.
@@ -84,7 +101,8 @@ async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float) -> str:
             raise RunmError(_boot_failure(vm, what)) from None
         return setup.kernel_release
     finally:
-        probe.cancel()
+        for probe in probes:
+            probe.cancel()
         exit_wait.cancel()
 
 
@@ -245,8 +263,11 @@ class Sandbox:
         if stdio:
             self.mux = Mux(io)
             await self.mux.start()
-        timeout = RESTORE_TIMEOUT if restore else boot_timeout()
-        self.kernel_release = await wait_agent(self.vm, self.agent, timeout)
+        if restore:
+            self.kernel_release = await wait_agent(self.vm, self.agent, RESTORE_TIMEOUT,
+                                                   ask_again_after=RESTORE_ASK_AGAIN)
+        else:
+            self.kernel_release = await wait_agent(self.vm, self.agent, boot_timeout())
         timings.mark("agent_ready" if restore else "guest_boot")
         # Hot-plugged shares appear in the guest a little after device_add returns.
         wait_ms = int(RESTORE_TIMEOUT * 1000) if restore else 0
