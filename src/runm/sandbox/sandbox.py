@@ -34,7 +34,7 @@ from runm.vm.qemu import HOTPLUG_ROOT_PORTS, QemuVM
 log = logging.getLogger("runm.sandbox")
 
 RESTORE_TIMEOUT = 10.0  # a restored agent answers in ~0.1 s; past this, boot cold instead
-RESTORE_ASK_AGAIN = 2.0  # a restored agent that has not answered by then is asked again
+RESTORE_ASK_AGAIN = 1.0  # a restored agent answers in 0.2-0.9 s (busy host): past this, ask again
 
 
 def boot_timeout() -> float:
