@@ -275,7 +275,7 @@ async def _prepare(sandbox: Sandbox, snapshot: SnapshotFiles) -> list[int]:
     The warm-up goes the way of a real start: a busybox bundle, hot-plugged as a virtiofs
     share, run with `runc run`. Then the share is unplugged again, leaving the taker every
     hot-plug port and the guest every code path translated (hot-plug and mount took 0.12 s
-    in a start from the pool when the warm-up ran from the guest's own disk, 0.03 s now)."""
+    in a start from the pool when the warm-up ran from the guest's own disk, 0.02 s now)."""
     from runm.sandbox.sandbox import RESTORE_TIMEOUT
     from runm.sandbox.spec import make_busybox_bundle
 

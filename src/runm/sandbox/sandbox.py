@@ -34,7 +34,7 @@ from runm.vm.qemu import HOTPLUG_ROOT_PORTS, QemuVM
 log = logging.getLogger("runm.sandbox")
 
 RESTORE_TIMEOUT = 10.0  # a restored agent answers in ~0.1 s; past this, boot cold instead
-RESTORE_ASK_AGAIN = 1.0  # a restored agent answers in 0.2-0.9 s (busy host): past this, ask again
+RESTORE_ASK_AGAIN = 1.0  # it answers in 0.2-0.9 s (busy host); past this, ask it again
 
 
 def boot_timeout() -> float:
@@ -63,9 +63,10 @@ async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float,
     Requests sent before the guest opens its port wait in the socket (QEMU reads the
     chardev only once the port is open), so one probe suffices for a boot; the clock goes
     in a second call because the probe may have waited for the whole boot. A restored guest
-    answers within ~0.3 s: with ask_again_after, one that has not by then is asked again,
-    since a second request makes QEMU notify the guest's port again should the first
-    notification have been lost (QEMU 7.2 lost some around `stop`/`cont` of pooled VMs).
+    answers within a second even on a busy host: with ask_again_after, one that has not by
+    then is asked again, since a second request makes QEMU notify the guest's port again
+    should the first notification have been lost (seen with QEMU 7.2 around `stop`/`cont` of
+    pooled VMs, and once in 16 restores beside a pool refill).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
