@@ -111,6 +111,19 @@ def test_a_killed_taker_takes_its_pooled_vm_with_it(pool: Runm, tmp_path: Path) 
         "the keeper must kill the VM of a taker that died"
 
 
+def test_a_drain_while_members_are_being_prepared_leaves_nothing(runm: Runm) -> None:
+    """`runm pool fill 2 --no-wait` then `drain` at once: members caught starting are stopped
+    or stop themselves once ready (the pool no longer wants them), and the caller survives."""
+    result = runm.run("pool", "fill", "2", "--no-wait")
+    assert result.returncode == 0, result.stderr.decode()
+    result = runm.run("pool", "drain")
+    assert result.returncode == 0, result.stderr.decode()
+    assert wait_until(lambda: not pool_members(runm), timeout=120), pool_members(runm)
+    assert wait_until(lambda: not [cmd for cmd in vm_processes().values()
+                                   if "runm.sandbox.pool" in cmd or "poolwait" in cmd],
+                      timeout=60)
+
+
 def test_bad_pool_size_is_an_error(runm: Runm) -> None:
     result = runm.run("pool", "fill", "-1")
     assert result.returncode == 1

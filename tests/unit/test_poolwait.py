@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,10 +180,11 @@ def test_starts_that_refill_at_once_do_not_overshoot_the_pool_sizes(
     assert pool.set_pool_size(base, 2) == {512: 2}
     assert pool.set_pool_size(base, 1, 1024) == {512: 2, 1024: 1}
     started: list[list[str]] = []
+    keeper = subprocess.Popen(["sleep", "600"])  # stands for every keeper: a live pid
 
     def popen(argv: list[str], **_: object) -> SimpleNamespace:
         started.append(argv)
-        return SimpleNamespace(pid=2**22 + 1)  # above any pid_max: nothing to renice
+        return SimpleNamespace(pid=keeper.pid)
     monkeypatch.setattr(pool.subprocess, "Popen", popen)
     barrier = threading.Barrier(8)
 
@@ -191,14 +193,19 @@ def test_starts_that_refill_at_once_do_not_overshoot_the_pool_sizes(
         pool.refill(base)
 
     threads = [threading.Thread(target=refill) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(argv[-1] for argv in started) == ["1024", "512", "512"]
-    assert sorted((m.state, m.memory_mib) for m in pool.members(base)) == [
-        ("starting", 512), ("starting", 512), ("starting", 1024)]
-    assert pool.refill(base) == 0
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(argv[-1] for argv in started) == ["1024", "512", "512"]
+        assert sorted((m.state, m.memory_mib, m.keeper_pid) for m in pool.members(base)) == [
+            ("starting", 512, keeper.pid), ("starting", 512, keeper.pid),
+            ("starting", 1024, keeper.pid)]
+        assert pool.refill(base) == 0
+    finally:
+        keeper.kill()
+        keeper.wait()
 
 
 def test_pool_sizes_come_from_the_config_until_fill_or_drain_sets_them(
@@ -228,6 +235,25 @@ def test_member_files_that_are_not_members_are_left_out(tmp_path: Path) -> None:
     write_member(good, "ready", "k1", os.getpid(), 0, 256)
     assert [(m.run_dir.name, m.state, m.key, m.memory_mib) for m in pool.members(tmp_path)] == [
         ("pool-good", "ready", "k1", 256)]
+
+
+def test_a_member_being_started_is_counted_but_never_signalled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between start_keeper's two writes a member has no keeper pid: kill(0) would signal the
+    drain's own process group (it once took down the test run that drained the pool)."""
+    fresh = tmp_path / "pool-fresh"
+    fresh.mkdir()
+    write_member(fresh, "starting", "", 0, 0, 256)
+    stale = tmp_path / "pool-stale"
+    stale.mkdir()
+    write_member(stale, "starting", "", 0, 0, 256)
+    old = time.time() - 2 * pool.KEEPER_SPAWN_GRACE
+    os.utime(stale / MEMBER_FILE, (old, old))
+    assert [m.run_dir.name for m in pool.members(tmp_path)] == ["pool-fresh"]
+    signalled: list[int] = []
+    monkeypatch.setattr(pool.os, "kill", lambda pid, sig: signalled.append(pid))
+    assert pool.drain(tmp_path) == 0
+    assert signalled == []
 
 
 def test_set_priority_covers_every_thread_and_threads_made_later() -> None:

@@ -44,6 +44,7 @@ from runm.sandbox.poolwait import (
     CLAIM_SOCKET,
     CLAIM_TIMEOUT,
     LOG_FILE,
+    MEMBER_FILE,
     read_member,
     set_priority,
     write_member,
@@ -58,6 +59,7 @@ log = logging.getLogger("runm.pool")
 MEMBER_PREFIX = "pool-"
 SIZE_FILE = "pool-sizes.json"
 REFILL_LOCK = ".pool-refill.lock"
+KEEPER_SPAWN_GRACE = 10.0  # a member without a keeper pid is counted this long (start_keeper)
 WARM_UP_BUNDLE = "runm-warmup"
 WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
 
@@ -77,6 +79,8 @@ class Member:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0) or kill(-N) would reach a whole process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -87,14 +91,16 @@ def _alive(pid: int) -> bool:
 
 
 def members(base: Path) -> list[Member]:
-    """The pool's members with a live keeper (unclaimed: a claimed one leaves the pool)."""
+    """The pool's members with a live keeper (unclaimed: a claimed one leaves the pool), and
+    those being started this instant (no keeper pid yet: see start_keeper)."""
     found = []
     for entry in sorted(base.glob(f"{MEMBER_PREFIX}*")):
         try:
             member = Member(entry, *read_member(entry))
+            age = time.time() - (entry / MEMBER_FILE).stat().st_mtime
         except (OSError, ValueError):
             continue
-        if _alive(member.keeper_pid):
+        if _alive(member.keeper_pid) or (member.keeper_pid == 0 and age < KEEPER_SPAWN_GRACE):
             found.append(member)
     return found
 
@@ -189,7 +195,7 @@ def start_keeper(base: Path, memory_mib: int) -> Path:
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     run_dir = base / f"{MEMBER_PREFIX}{secrets.token_hex(5)}"
     run_dir.mkdir(mode=0o700)
-    # Counted at once; the keeper fills in its pid.
+    # Counted at once, under the refill lock; its pid follows as soon as it has one.
     Member(run_dir, "starting", "", 0, memory_mib=memory_mib).write()
     keeper = subprocess.Popen([sys.executable, "-m", "runm.sandbox.pool", "keep", str(run_dir),
                                str(memory_mib)],
@@ -198,13 +204,17 @@ def start_keeper(base: Path, memory_mib: int) -> Path:
     # Preparing a member (restore, warm-up: seconds of TCG) runs only on CPUs that nothing
     # else wants, from its first instruction on; poolwait gives it a normal class once it waits.
     set_priority(keeper.pid, idle=True)
+    Member(run_dir, "starting", "", keeper.pid, memory_mib=memory_mib).write()
     return run_dir
 
 
 def drain(base: Path) -> int:
-    """Stop every unclaimed member; return how many were told to stop."""
+    """Stop every unclaimed member; return how many were told to stop. One caught without a
+    pid, between start_keeper's two writes, sees the pool size when it is ready (Keeper.run)."""
     count = 0
     for member in members(base):
+        if member.keeper_pid <= 0:
+            continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(member.keeper_pid, signal.SIGTERM)
             count += 1
@@ -257,6 +267,10 @@ class Keeper:
             await sandbox.close()
             return 1
         if self.stop.is_set():  # a drain between the last await and now
+            await sandbox.close()
+            return 1
+        if not pool_sizes(self.run_dir.parent).get(self.memory_mib):
+            log.info("the pool no longer keeps %d MiB VMs: not waiting", self.memory_mib)
             await sandbox.close()
             return 1
         # The taker gets these very connections: the guest never sees its host leave.
