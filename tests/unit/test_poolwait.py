@@ -199,9 +199,9 @@ def test_starts_that_refill_at_once_do_not_overshoot_the_pool_sizes(
         for t in threads:
             t.join()
         assert sorted(argv[-1] for argv in started) == ["1024", "512", "512"]
+        # Counted before their keepers publish a pid.
         assert sorted((m.state, m.memory_mib, m.keeper_pid) for m in pool.members(base)) == [
-            ("starting", 512, keeper.pid), ("starting", 512, keeper.pid),
-            ("starting", 1024, keeper.pid)]
+            ("starting", 512, 0), ("starting", 512, 0), ("starting", 1024, 0)]
         assert pool.refill(base) == 0
     finally:
         keeper.kill()
@@ -239,8 +239,8 @@ def test_member_files_that_are_not_members_are_left_out(tmp_path: Path) -> None:
 
 def test_a_member_being_started_is_counted_but_never_signalled(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between start_keeper's two writes a member has no keeper pid: kill(0) would signal the
-    drain's own process group (it once took down the test run that drained the pool)."""
+    """Until its keeper publishes its pid a member has none: kill(0) would signal the drain's
+    own process group (it once took down the test run that drained the pool)."""
     fresh = tmp_path / "pool-fresh"
     fresh.mkdir()
     write_member(fresh, "starting", "", 0, 0, 256)

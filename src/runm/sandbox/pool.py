@@ -59,7 +59,7 @@ log = logging.getLogger("runm.pool")
 MEMBER_PREFIX = "pool-"
 SIZE_FILE = "pool-sizes.json"
 REFILL_LOCK = ".pool-refill.lock"
-KEEPER_SPAWN_GRACE = 10.0  # a member without a keeper pid is counted this long (start_keeper)
+KEEPER_SPAWN_GRACE = 60.0  # a member without a keeper pid yet is counted this long
 WARM_UP_BUNDLE = "runm-warmup"
 WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
 
@@ -195,7 +195,8 @@ def start_keeper(base: Path, memory_mib: int) -> Path:
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     run_dir = base / f"{MEMBER_PREFIX}{secrets.token_hex(5)}"
     run_dir.mkdir(mode=0o700)
-    # Counted at once, under the refill lock; its pid follows as soon as it has one.
+    # Counted at once, under the refill lock; the keeper fills in its pid once it can handle
+    # a drain's SIGTERM (Keeper.run), so a drain never kills it halfway.
     Member(run_dir, "starting", "", 0, memory_mib=memory_mib).write()
     keeper = subprocess.Popen([sys.executable, "-m", "runm.sandbox.pool", "keep", str(run_dir),
                                str(memory_mib)],
@@ -204,13 +205,12 @@ def start_keeper(base: Path, memory_mib: int) -> Path:
     # Preparing a member (restore, warm-up: seconds of TCG) runs only on CPUs that nothing
     # else wants, from its first instruction on; poolwait gives it a normal class once it waits.
     set_priority(keeper.pid, idle=True)
-    Member(run_dir, "starting", "", keeper.pid, memory_mib=memory_mib).write()
     return run_dir
 
 
 def drain(base: Path) -> int:
-    """Stop every unclaimed member; return how many were told to stop. One caught without a
-    pid, between start_keeper's two writes, sees the pool size when it is ready (Keeper.run)."""
+    """Stop every unclaimed member; return how many were told to stop. One whose keeper has
+    not published its pid yet finds the pool size changed once it is ready (Keeper.run)."""
     count = 0
     for member in members(base):
         if member.keeper_pid <= 0:
