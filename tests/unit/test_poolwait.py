@@ -256,6 +256,42 @@ def test_a_member_being_started_is_counted_but_never_signalled(
     assert signalled == []
 
 
+def member_dirs(base: Path) -> list[str]:
+    return sorted(p.name for p in base.glob("pool-*") if p.is_dir())
+
+
+def test_members_whose_keeper_died_or_never_started_are_swept(tmp_path: Path) -> None:
+    """A keeper killed outright (its QEMU dies with it) leaves its dir behind: the next refill
+    or drain removes it, and nothing that is still in the pool."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    layout = {"pool-dead": dead.pid, "pool-stale": 0, "pool-fresh": 0, "pool-live": os.getpid()}
+    for name, pid in layout.items():
+        (tmp_path / name).mkdir()
+        write_member(tmp_path / name, "starting", "", pid, 0, 256)
+    old = time.time() - 2 * pool.KEEPER_SPAWN_GRACE
+    os.utime(tmp_path / "pool-stale" / MEMBER_FILE, (old, old))
+    pool.set_pool_size(tmp_path, 2, 256)
+    assert pool.refill(tmp_path) == 0  # fresh and live count: nothing to start
+    assert member_dirs(tmp_path) == ["pool-fresh", "pool-live"]
+    (tmp_path / "pool-dead").mkdir()
+    write_member(tmp_path / "pool-dead", "ready", "k", dead.pid, 0, 256)
+    pool.drain(tmp_path / "nonexistent")  # no base: nothing to do, no error
+    signalled: list[int] = []
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if sig == 0:
+            real_kill(pid, 0)  # liveness probes go through
+        else:
+            signalled.append(pid)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pool.os, "kill", kill)
+        assert pool.drain(tmp_path) == 1
+    assert signalled == [os.getpid()]  # the live one, told to stop (here: recorded only)
+    assert member_dirs(tmp_path) == ["pool-fresh", "pool-live"]
+
+
 def test_set_priority_covers_every_thread_and_threads_made_later() -> None:
     # python with a thread already running when the class changes, and one started after.
     script = ("import sys, threading, time\n"

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,19 +91,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def members(base: Path) -> list[Member]:
-    """The pool's members with a live keeper (unclaimed: a claimed one leaves the pool), and
-    those being started this instant (no keeper pid yet: see start_keeper)."""
-    found = []
+def _read_members(base: Path) -> Iterator[tuple[Member, bool]]:
+    """Every member dir under base that has a member file, and whether it is in the pool:
+    its keeper lives, or is being started this instant (no pid yet: see start_keeper)."""
     for entry in sorted(base.glob(f"{MEMBER_PREFIX}*")):
         try:
             member = Member(entry, *read_member(entry))
             age = time.time() - (entry / MEMBER_FILE).stat().st_mtime
         except (OSError, ValueError):
             continue
-        if _alive(member.keeper_pid) or (member.keeper_pid == 0 and age < KEEPER_SPAWN_GRACE):
-            found.append(member)
-    return found
+        yield member, (_alive(member.keeper_pid) or
+                       (member.keeper_pid == 0 and age < KEEPER_SPAWN_GRACE))
+
+
+def members(base: Path) -> list[Member]:
+    """The pool's members (unclaimed: a claimed one leaves the pool)."""
+    return [member for member, in_pool in _read_members(base) if in_pool]
+
+
+def _remove_dead_members(base: Path) -> None:
+    """Remove the dirs of members whose keeper died (SIGKILL, a crash: its QEMU died with it)
+    or never started. Only under the refill lock, which start_keeper runs under too."""
+    for member, in_pool in _read_members(base):
+        if not in_pool:
+            shutil.rmtree(member.run_dir, ignore_errors=True)
 
 
 def pool_sizes(base: Path) -> dict[int, int]:
@@ -183,6 +195,7 @@ def refill(base: Path) -> int:
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     started = 0
     with hold(open_lock(base / REFILL_LOCK)):
+        _remove_dead_members(base)
         have = [m.memory_mib for m in members(base)]
         for memory_mib, count in sorted(sizes.items()):
             for _ in range(max(0, count - have.count(memory_mib))):
@@ -212,6 +225,8 @@ def drain(base: Path) -> int:
     """Stop every unclaimed member; return how many were told to stop. One whose keeper has
     not published its pid yet finds the pool size changed once it is ready (Keeper.run)."""
     count = 0
+    with contextlib.suppress(FileNotFoundError), hold(open_lock(base / REFILL_LOCK)):
+        _remove_dead_members(base)
     for member in members(base):
         if member.keeper_pid <= 0:
             continue
