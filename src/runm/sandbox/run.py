@@ -101,6 +101,13 @@ async def run_container(opts: RunOptions) -> int:
             pending.add(task)
             task.add_done_callback(pending.discard)
 
+    def running() -> None:
+        """The container's process runs: signals go to it now, the pool may refill."""
+        started.set()
+        sandbox.refill_pool()
+        record.status = "running"
+        opts.store.save(record)
+
     pending: set[asyncio.Task[None]] = set()
     main = asyncio.current_task()
     assert main is not None
@@ -130,10 +137,10 @@ async def run_container(opts: RunOptions) -> int:
             raise RunmError(err.message) from None
         opts.timings.mark("runc_run" if start_now else "runc_create")
         if start_now:
-            started.set()
-            sandbox.refill_pool()
-        record.status = "running" if start_now else "created"
-        opts.store.save(record)
+            running()
+        else:
+            record.status = "created"
+            opts.store.save(record)
         if opts.pid_file:
             write_pid_file(opts.pid_file, os.getpid())
         with RawTerminal(opts.stdin) if terminal else contextlib.nullcontext():
@@ -150,10 +157,7 @@ async def run_container(opts: RunOptions) -> int:
                 except TtrpcError as err:
                     raise RunmError(err.message) from None
                 opts.timings.mark("runc_start")
-                started.set()
-                sandbox.refill_pool()
-                record.status = "running"
-                opts.store.save(record)
+                running()
             waited = await agent.wait_process(cid)
             status = waited.exit_status
             if waited.oom_kills:
