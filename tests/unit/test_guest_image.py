@@ -149,6 +149,8 @@ def fake_runm(root: Path) -> Path:
     r = root / "runm"
     for rel, text in {
         "__init__.py": "__version__ = '0'\n",
+        "records.py": "",
+        "errors.py": "host only\n",
         "agent/__init__.py": "",
         "agent/__main__.py": "print('agent')\n",
         "ttrpc/__init__.py": "",
@@ -173,6 +175,7 @@ def test_agent_sources(tmp_path: Path) -> None:
         "agent/__main__.py",
         "channel/stream.py",
         "proto/gen/x_pb.py",
+        "records.py",
         "ttrpc/__init__.py",
     ]
 

@@ -14,7 +14,7 @@ import struct
 import termios
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from runm.agent.specadapt import write_guest_bundle
 from runm.channel.mux import MuxStream
 from runm.proto import agent as api
 from runm.proto.codec import Message
+from runm.records import record
 from runm.ttrpc import CallContext, Code, Server, TtrpcError
 
 log = logging.getLogger("runm.agent")
@@ -42,7 +43,7 @@ class StreamSource(Protocol):
     def open(self, stream_id: int) -> MuxStream: ...
 
 
-@dataclass
+@record
 class ManagedProcess:
     container_id: str
     exec_id: str
@@ -65,7 +66,7 @@ class ManagedProcess:
             self.tty_master = -1
 
 
-@dataclass
+@record
 class ManagedContainer:
     id: str
     bundle: str

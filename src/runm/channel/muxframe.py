@@ -42,7 +42,8 @@ EOF after EOF, EOF/RESET with a payload, CREDIT whose payload is not 4 bytes, wh
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from runm.records import record
 
 HEADER = struct.Struct(">IBI")
 HEADER_SIZE = HEADER.size  # 9
@@ -66,27 +67,27 @@ class MuxProtocolError(Exception):
     """The peer violated the mux protocol; the connection is unusable."""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class DataReceived:
     stream_id: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class EndReceived:
     """The peer sent EOF: no more data will arrive on this stream."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class StreamReset:
     """The peer aborted the stream (both directions)."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class CreditAvailable:
     """The peer granted credit: `window(stream_id)` grew."""
 

@@ -33,6 +33,7 @@ from runm.guest.init_script import (
 )
 
 __all__ = [
+    "AGENT_MODULES",
     "AGENT_PACKAGES",
     "BASE_VERSION",
     "BUILDER_VERSION",
@@ -85,7 +86,8 @@ INITRAMFS_MODULES = (
     "squashfs",
     "virtio_rng",
 )
-# runm packages copied into the guest (besides runm/__init__.py); only *.py files.
+# runm modules and packages copied into the guest; only *.py files.
+AGENT_MODULES = ("__init__.py", "records.py")
 AGENT_PACKAGES = ("agent", "ttrpc", "proto", "channel")
 
 GUEST_SITE = "usr/lib/python3/dist-packages"
@@ -697,13 +699,13 @@ def build_base(
 def agent_sources(runm_root: Path) -> list[tuple[str, Path]]:
     """(path relative to the runm package, file) of every agent source, sorted.
 
-    ``runm/__init__.py`` plus the *.py files of :data:`AGENT_PACKAGES` (missing packages are
+    :data:`AGENT_MODULES` plus the *.py files of :data:`AGENT_PACKAGES` (missing ones are
     skipped; __pycache__ and non-Python files are not copied).
     """
     found: list[tuple[str, Path]] = []
-    init = runm_root / "__init__.py"
-    if init.is_file():
-        found.append(("__init__.py", init))
+    for name in AGENT_MODULES:
+        if (runm_root / name).is_file():
+            found.append((name, runm_root / name))
     for pkg in AGENT_PACKAGES:
         pkg_dir = runm_root / pkg
         if not pkg_dir.is_dir():

@@ -23,13 +23,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from runm.filelock import hold, open_lock
 from runm.guest import build
 from runm.guest.errors import GuestImageError
 from runm.guest.init_script import INIT_SCRIPT
+from runm.records import record
 
 __all__ = [
     "GuestImage",
@@ -53,7 +53,7 @@ IN_USE_GRACE = 3600.0  # seconds since an image last started a VM before it may 
 KEEP_BASES = 2
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GuestImage:
     kernel: Path  # uncompressed PVH-bootable vmlinux ELF
     initrd: Path  # gzip'd newc cpio: busybox + /init + kernel modules

@@ -14,9 +14,11 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Protocol
+
+from runm.records import record
 
 __all__ = [
     "CpioWriter",
@@ -281,7 +283,7 @@ def _softdep_pre(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(pre)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KernelModule:
     """What load ordering needs to know about one loadable module."""
 

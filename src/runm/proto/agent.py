@@ -6,26 +6,25 @@ stdio multiplexer (the second virtio-serial port), named here by its stream id (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from runm.proto.codec import Message, pfield
+from runm.records import record
 
 SERVICE = "runm.agent.v1.Agent"
 
 
-@dataclass
+@record
 class Empty(Message):
     pass
 
 
-@dataclass
+@record
 class QuiesceRequest(Message):
     """End the host's connection; for_snapshot: also page in and zero free memory first."""
 
     for_snapshot: bool = pfield(1, "bool")
 
 
-@dataclass
+@record
 class SetupRequest(Message):
     """Sent once per boot or restore, before anything else: the guest's clock and entropy."""
 
@@ -34,13 +33,13 @@ class SetupRequest(Message):
     hostname: str = pfield(3, "string")
 
 
-@dataclass
+@record
 class SetupResponse(Message):
     kernel_release: str = pfield(1, "string")
     agent_pid: int = pfield(2, "uint32")
 
 
-@dataclass
+@record
 class MountRequest(Message):
     source: str = pfield(1, "string")
     target: str = pfield(2, "string")
@@ -51,7 +50,7 @@ class MountRequest(Message):
     wait_ms: int = pfield(5, "uint32")
 
 
-@dataclass
+@record
 class WarmUpRequest(Message):
     """Mount the hot-plugged virtiofs share `tag` at `bundle` (waiting up to wait_ms for it
     to appear), run the container bundle there to its exit, then unmount it."""
@@ -61,7 +60,7 @@ class WarmUpRequest(Message):
     wait_ms: int = pfield(3, "uint32")
 
 
-@dataclass
+@record
 class Stdio(Message):
     stdin: int = pfield(1, "uint32")
     stdout: int = pfield(2, "uint32")
@@ -69,7 +68,7 @@ class Stdio(Message):
     terminal: bool = pfield(4, "bool")
 
 
-@dataclass
+@record
 class CreateContainerRequest(Message):
     id: str = pfield(1, "string")
     bundle: str = pfield(2, "string")
@@ -86,18 +85,18 @@ class CreateContainerRequest(Message):
     start: bool = pfield(8, "bool")
 
 
-@dataclass
+@record
 class CreateContainerResponse(Message):
     pid: int = pfield(1, "uint32")
     notes: list[str] = pfield(2, "string", repeated=True)  # how the spec was adapted
 
 
-@dataclass
+@record
 class ContainerRequest(Message):
     id: str = pfield(1, "string")
 
 
-@dataclass
+@record
 class ExecProcessRequest(Message):
     container_id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
@@ -105,13 +104,13 @@ class ExecProcessRequest(Message):
     stdio: Stdio | None = pfield(4, "message", message=Stdio)
 
 
-@dataclass
+@record
 class ProcessRequest(Message):
     container_id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
 
 
-@dataclass
+@record
 class ProcessResponse(Message):
     pid: int = pfield(1, "uint32")
 
@@ -121,14 +120,14 @@ class ProcessResponse(Message):
 OOM_KILLS_KEY = "runm_oom_kills"
 
 
-@dataclass
+@record
 class WaitResponse(Message):
     exit_status: int = pfield(1, "uint32")
     exited_at_ns: int = pfield(2, "int64")
     oom_kills: int = pfield(3, "uint32")  # the container's cgroup's oom_kill count then
 
 
-@dataclass
+@record
 class OomWaitRequest(Message):
     """Answer once the container's cgroup counts more than `seen` OOM kills, or its init
     has exited (a long poll: the host keeps one open per container)."""
@@ -137,13 +136,13 @@ class OomWaitRequest(Message):
     seen: int = pfield(2, "uint32")
 
 
-@dataclass
+@record
 class OomWaitResponse(Message):
     oom_kills: int = pfield(1, "uint32")
     exited: bool = pfield(2, "bool")  # the init has exited: no more waits
 
 
-@dataclass
+@record
 class SignalRequest(Message):
     container_id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
@@ -151,7 +150,7 @@ class SignalRequest(Message):
     all: bool = pfield(4, "bool")
 
 
-@dataclass
+@record
 class ResizeRequest(Message):
     container_id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
@@ -159,27 +158,27 @@ class ResizeRequest(Message):
     cols: int = pfield(4, "uint32")
 
 
-@dataclass
+@record
 class DeleteRequest(Message):
     id: str = pfield(1, "string")
     force: bool = pfield(2, "bool")
 
 
-@dataclass
+@record
 class StateResponse(Message):
     """runc's `state` JSON, as the guest's runc printed it."""
 
     state_json: str = pfield(1, "string")
 
 
-@dataclass
+@record
 class PsResponse(Message):
     """The container's processes, as guest pids."""
 
     pids: list[int] = pfield(1, "uint32", repeated=True)
 
 
-@dataclass
+@record
 class JsonMessage(Message):
     """A JSON document (runc's stats event; OCI LinuxResources for an update)."""
 
@@ -192,7 +191,7 @@ class JsonMessage(Message):
 MONITOR_SERVICE = "runm.monitor.v1.Monitor"
 
 
-@dataclass
+@record
 class MonitorState(Message):
     status: str = pfield(1, "string")  # created | running | paused | stopped
     exit_status: int = pfield(2, "uint32")

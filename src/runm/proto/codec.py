@@ -4,7 +4,7 @@ Runs unchanged on the host and in the guest (stdlib only), so the agent needs no
 package. Encoding follows proto3: scalars equal to their default are omitted, numeric repeated
 fields are packed (both packed and unpacked are accepted), unknown fields are skipped.
 
-    @dataclass
+    @record
     class KeyValue(Message):
         key: str = pfield(1, "string")
         value: str = pfield(2, "string")
@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import struct
 from typing import Any, ClassVar, Self
+
+from runm.records import record
 
 __all__ = ["DecodeError", "Message", "pfield"]
 
@@ -41,7 +43,7 @@ class DecodeError(ValueError):
     """The bytes are not a valid encoding of the message."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class FieldSpec:
     number: int
     kind: str
@@ -294,7 +296,7 @@ def _convert(spec: FieldSpec, raw: Any, wire: int) -> Any:
     return spec.message.decode(raw)
 
 
-@dataclasses.dataclass
+@record
 class _MapEntry(Message):
     key: str = pfield(1, "string")
     value: str = pfield(2, "string")

@@ -7,9 +7,9 @@ Field numbers are containerd's (1.6 and 2.x share them); see docs/design.md, "Th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from runm.proto.codec import Message, pfield
+from runm.records import record
 
 TASK_SERVICE = "containerd.task.v2.Task"
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
@@ -21,12 +21,12 @@ METRICS_TYPE_URL = "io.containerd.cgroups.v2.Metrics"
 PROCESS_DETAILS_TYPE_URL = "containerd.runc.v1.ProcessDetails"
 
 
-@dataclass
+@record
 class Empty(Message):
     pass
 
 
-@dataclass
+@record
 class Any(Message):
     type_url: str = pfield(1, "string")
     value: bytes = pfield(2, "bytes")
@@ -37,7 +37,7 @@ class Any(Message):
         return cls(str(getattr(message, "TYPE_URL")), message.encode())  # noqa: B009
 
 
-@dataclass
+@record
 class Timestamp(Message):
     seconds: int = pfield(1, "int64")
     nanos: int = pfield(2, "int32")
@@ -51,7 +51,7 @@ class Timestamp(Message):
         return cls.from_ns(time.time_ns())
 
 
-@dataclass
+@record
 class Mount(Message):
     type: str = pfield(1, "string")
     source: str = pfield(2, "string")
@@ -63,13 +63,13 @@ class Mount(Message):
 UNKNOWN, CREATED, RUNNING, STOPPED, PAUSED, PAUSING = range(6)
 
 
-@dataclass
+@record
 class ProcessInfo(Message):
     pid: int = pfield(1, "uint32")
     info: Any | None = pfield(2, "message", message=Any)
 
 
-@dataclass
+@record
 class ProcessDetails(Message):
     TYPE_URL = PROCESS_DETAILS_TYPE_URL
     exec_id: str = pfield(1, "string")
@@ -78,7 +78,7 @@ class ProcessDetails(Message):
 # -- requests and responses ---------------------------------------------------------------
 
 
-@dataclass
+@record
 class CreateTaskRequest(Message):
     id: str = pfield(1, "string")
     bundle: str = pfield(2, "string")
@@ -92,12 +92,12 @@ class CreateTaskRequest(Message):
     options: Any | None = pfield(10, "message", message=Any)
 
 
-@dataclass
+@record
 class CreateTaskResponse(Message):
     pid: int = pfield(1, "uint32")
 
 
-@dataclass
+@record
 class TaskRequest(Message):
     """StartRequest, DeleteRequest, StateRequest, WaitRequest (id + exec_id)."""
 
@@ -105,26 +105,26 @@ class TaskRequest(Message):
     exec_id: str = pfield(2, "string")
 
 
-@dataclass
+@record
 class IdRequest(Message):
     """PidsRequest, PauseRequest, ResumeRequest, StatsRequest, ConnectRequest."""
 
     id: str = pfield(1, "string")
 
 
-@dataclass
+@record
 class StartResponse(Message):
     pid: int = pfield(1, "uint32")
 
 
-@dataclass
+@record
 class DeleteResponse(Message):
     pid: int = pfield(1, "uint32")
     exit_status: int = pfield(2, "uint32")
     exited_at: Timestamp | None = pfield(3, "message", message=Timestamp)
 
 
-@dataclass
+@record
 class ExecProcessRequest(Message):
     id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
@@ -135,7 +135,7 @@ class ExecProcessRequest(Message):
     spec: Any | None = pfield(7, "message", message=Any)
 
 
-@dataclass
+@record
 class ResizePtyRequest(Message):
     id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
@@ -143,7 +143,7 @@ class ResizePtyRequest(Message):
     height: int = pfield(4, "uint32")
 
 
-@dataclass
+@record
 class StateResponse(Message):
     id: str = pfield(1, "string")
     bundle: str = pfield(2, "string")
@@ -158,7 +158,7 @@ class StateResponse(Message):
     exec_id: str = pfield(11, "string")
 
 
-@dataclass
+@record
 class KillRequest(Message):
     id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
@@ -166,51 +166,51 @@ class KillRequest(Message):
     all: bool = pfield(4, "bool")
 
 
-@dataclass
+@record
 class CloseIORequest(Message):
     id: str = pfield(1, "string")
     exec_id: str = pfield(2, "string")
     stdin: bool = pfield(3, "bool")
 
 
-@dataclass
+@record
 class PidsResponse(Message):
     processes: list[ProcessInfo] = pfield(1, "message", repeated=True, message=ProcessInfo)
 
 
-@dataclass
+@record
 class CheckpointTaskRequest(Message):
     id: str = pfield(1, "string")
     path: str = pfield(2, "string")
     options: Any | None = pfield(3, "message", message=Any)
 
 
-@dataclass
+@record
 class UpdateTaskRequest(Message):
     id: str = pfield(1, "string")
     resources: Any | None = pfield(2, "message", message=Any)
     annotations: dict[str, str] = pfield(3, "map")
 
 
-@dataclass
+@record
 class WaitResponse(Message):
     exit_status: int = pfield(1, "uint32")
     exited_at: Timestamp | None = pfield(2, "message", message=Timestamp)
 
 
-@dataclass
+@record
 class StatsResponse(Message):
     stats: Any | None = pfield(1, "message", message=Any)
 
 
-@dataclass
+@record
 class ConnectResponse(Message):
     shim_pid: int = pfield(1, "uint32")
     task_pid: int = pfield(2, "uint32")
     version: str = pfield(3, "string")
 
 
-@dataclass
+@record
 class ShutdownRequest(Message):
     id: str = pfield(1, "string")
     now: bool = pfield(2, "bool")
@@ -219,7 +219,7 @@ class ShutdownRequest(Message):
 # -- events (package containerd.events) ---------------------------------------------------
 
 
-@dataclass
+@record
 class TaskIO(Message):
     stdin: str = pfield(1, "string")
     stdout: str = pfield(2, "string")
@@ -227,7 +227,7 @@ class TaskIO(Message):
     terminal: bool = pfield(4, "bool")
 
 
-@dataclass
+@record
 class TaskCreate(Message):
     TOPIC = "/tasks/create"
     TYPE_URL = "containerd.events.TaskCreate"
@@ -239,7 +239,7 @@ class TaskCreate(Message):
     pid: int = pfield(6, "uint32")
 
 
-@dataclass
+@record
 class TaskStart(Message):
     TOPIC = "/tasks/start"
     TYPE_URL = "containerd.events.TaskStart"
@@ -247,7 +247,7 @@ class TaskStart(Message):
     pid: int = pfield(2, "uint32")
 
 
-@dataclass
+@record
 class TaskDelete(Message):
     TOPIC = "/tasks/delete"
     TYPE_URL = "containerd.events.TaskDelete"
@@ -258,7 +258,7 @@ class TaskDelete(Message):
     id: str = pfield(5, "string")
 
 
-@dataclass
+@record
 class TaskExit(Message):
     TOPIC = "/tasks/exit"
     TYPE_URL = "containerd.events.TaskExit"
@@ -269,14 +269,14 @@ class TaskExit(Message):
     exited_at: Timestamp | None = pfield(5, "message", message=Timestamp)
 
 
-@dataclass
+@record
 class TaskOOM(Message):
     TOPIC = "/tasks/oom"
     TYPE_URL = "containerd.events.TaskOOM"
     container_id: str = pfield(1, "string")
 
 
-@dataclass
+@record
 class TaskExecAdded(Message):
     TOPIC = "/tasks/exec-added"
     TYPE_URL = "containerd.events.TaskExecAdded"
@@ -284,7 +284,7 @@ class TaskExecAdded(Message):
     exec_id: str = pfield(2, "string")
 
 
-@dataclass
+@record
 class TaskExecStarted(Message):
     TOPIC = "/tasks/exec-started"
     TYPE_URL = "containerd.events.TaskExecStarted"
@@ -293,21 +293,21 @@ class TaskExecStarted(Message):
     pid: int = pfield(3, "uint32")
 
 
-@dataclass
+@record
 class TaskPaused(Message):
     TOPIC = "/tasks/paused"
     TYPE_URL = "containerd.events.TaskPaused"
     container_id: str = pfield(1, "string")
 
 
-@dataclass
+@record
 class TaskResumed(Message):
     TOPIC = "/tasks/resumed"
     TYPE_URL = "containerd.events.TaskResumed"
     container_id: str = pfield(1, "string")
 
 
-@dataclass
+@record
 class Envelope(Message):
     timestamp: Timestamp | None = pfield(1, "message", message=Timestamp)
     namespace: str = pfield(2, "string")
@@ -315,7 +315,7 @@ class Envelope(Message):
     event: Any | None = pfield(4, "message", message=Any)
 
 
-@dataclass
+@record
 class ForwardRequest(Message):
     envelope: Envelope | None = pfield(1, "message", message=Envelope)
 
@@ -323,13 +323,13 @@ class ForwardRequest(Message):
 # -- io.containerd.cgroups.v2.Metrics (the fields runc's stats give us) --------------------
 
 
-@dataclass
+@record
 class PidsStat(Message):
     current: int = pfield(1, "uint64")
     limit: int = pfield(2, "uint64")
 
 
-@dataclass
+@record
 class CPUStat(Message):
     usage_usec: int = pfield(1, "uint64")
     user_usec: int = pfield(2, "uint64")
@@ -349,7 +349,7 @@ MEMORY_STAT_KEYS = (
     "pglazyfreed", "thp_fault_alloc", "thp_collapse_alloc")
 
 
-@dataclass
+@record
 class MemoryStat(Message):
     anon: int = pfield(1, "uint64")
     file: int = pfield(2, "uint64")
@@ -390,7 +390,7 @@ class MemoryStat(Message):
     swap_max_usage: int = pfield(37, "uint64")
 
 
-@dataclass
+@record
 class MemoryEvents(Message):
     low: int = pfield(1, "uint64")
     high: int = pfield(2, "uint64")
@@ -399,7 +399,7 @@ class MemoryEvents(Message):
     oom_kill: int = pfield(5, "uint64")
 
 
-@dataclass
+@record
 class Metrics(Message):
     TYPE_URL = METRICS_TYPE_URL
     pids: PidsStat | None = pfield(1, "message", message=PidsStat)

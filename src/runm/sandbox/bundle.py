@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runm.errors import RunmError
 from runm.jsonfile import parse_object
+from runm.records import record
 
 # runc 1.1: libcontainer's idRegex plus its clean-path check.
 _ID_RE = re.compile(r"[\w+\-.]+", re.ASCII)
@@ -24,7 +24,7 @@ def validate_id(container_id: str) -> None:
         raise RunmError(f"invalid container id format: {container_id}")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Bundle:
     path: Path  # absolute
     spec: dict[str, Any]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from runm.errors import RunmError
+from runm.records import record
 
 DEFAULT_PATH = Path("/etc/runm/config.toml")
 CONFIG_ENV = "RUNM_CONFIG"
@@ -25,7 +26,7 @@ CPUS_ANNOTATION = "io.runm.vm.cpus"
 MIN_MEMORY_MIB = 128
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VMDefaults:
     """The [vm] table."""
 
@@ -36,7 +37,7 @@ class VMDefaults:
     max_cpus: int = os.cpu_count() or 1
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PoolTargets:
     """The [pool] table: warm VMs to keep ready (runm.sandbox.pool), none by default."""
 
@@ -44,7 +45,7 @@ class PoolTargets:
     memory_mib: tuple[tuple[int, int], ...] = ()  # (guest memory MiB, count): other sizes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Config:
     vm: VMDefaults = VMDefaults()
     snapshots: bool = True  # [snapshot] enabled
@@ -165,7 +166,7 @@ def _parse_pool(table: dict[str, Any], where: str) -> PoolTargets:
     return PoolTargets(size, tuple(by_memory))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VMSize:
     memory_mib: int
     cpus: int

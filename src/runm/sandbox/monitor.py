@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.net.ports import parse_publish
 from runm.proto import agent as api
+from runm.records import record
 from runm.sandbox import hoststdio
 from runm.sandbox.bundle import load_bundle
 from runm.sandbox.pod import Pod, PodProcess
@@ -41,7 +42,7 @@ from runm.ttrpc import CallContext, Code, Server, TtrpcError, serve_unix
 log = logging.getLogger("runm.monitor")
 
 
-@dataclass
+@record
 class MonitorConfig:
     container_id: str
     root: str

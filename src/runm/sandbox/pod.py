@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.net.ports import resolve_publish
 from runm.proto import agent as api
+from runm.records import record
 from runm.sandbox.agent_client import AgentClient
 from runm.sandbox.bundle import Bundle
 from runm.sandbox.run import bundle_shares, bundle_vm_size
@@ -49,7 +50,7 @@ class ProcessIO(Protocol):
         """Let go of the caller's ends (it sees EOF)."""
 
 
-@dataclass
+@record
 class PodProcess:
     container_id: str
     exec_id: str  # "" for the container's init process
@@ -64,7 +65,7 @@ class PodProcess:
     outputs: list[asyncio.Future[None]] = field(default_factory=list)
 
 
-@dataclass
+@record
 class PodContainer:
     id: str
     bundle: Bundle

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from runm.atomicfile import write_pid_file
@@ -16,6 +16,7 @@ from runm.channel.mux import Mux
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.proto import agent as api
+from runm.records import record
 from runm.sandbox import hoststdio
 from runm.sandbox.bundle import Bundle
 from runm.sandbox.config import VMSize, load_config
@@ -34,7 +35,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 STDIN_STREAM, STDOUT_STREAM, STDERR_STREAM = 1, 3, 5
 
 
-@dataclass
+@record
 class RunOptions:
     container_id: str
     bundle: Bundle

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from runm.errors import RunmError
 from runm.guest.image import GuestImage
 from runm.proto import task as api
 from runm.proto.codec import Message
+from runm.records import record
 from runm.sandbox.bundle import load_bundle, validate_id
 from runm.sandbox.pod import KILLED_STATUS, Pod, PodProcess
 from runm.sandbox.rundir import vm_run_dir
@@ -41,7 +42,7 @@ log = logging.getLogger("runm.shim")
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 
 
-@dataclass
+@record
 class TaskProcess:
     """A process as containerd sees it: init (exec_id "") or an exec, before and after it
     runs in the VM."""
@@ -72,7 +73,7 @@ class TaskProcess:
             self.exited.set()
 
 
-@dataclass
+@record
 class Task:
     id: str
     bundle: str

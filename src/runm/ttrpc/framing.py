@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any
 
+from runm.records import record
 from runm.ttrpc.status import Code, TtrpcError
 
 __all__ = [
@@ -78,7 +78,7 @@ class FramingError(ValueError):
     """The byte stream cannot be split into frames any more; drop the connection."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Frame:
     stream_id: int
     type: int
@@ -86,7 +86,7 @@ class Frame:
     data: bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OversizedFrame:
     """A frame whose data exceeded the limit; its payload was discarded."""
 

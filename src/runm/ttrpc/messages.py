@@ -11,20 +11,19 @@ typing.Any).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from runm.proto.codec import Message, pfield
+from runm.records import record
 
 __all__ = ["AnyMessage", "KeyValue", "Request", "Response", "Status"]
 
 
-@dataclass
+@record
 class KeyValue(Message):
     key: str = pfield(1, "string")
     value: str = pfield(2, "string")
 
 
-@dataclass
+@record
 class AnyMessage(Message):
     """google.protobuf.Any."""
 
@@ -32,7 +31,7 @@ class AnyMessage(Message):
     value: bytes = pfield(2, "bytes")
 
 
-@dataclass
+@record
 class Status(Message):
     """google.rpc.Status."""
 
@@ -41,7 +40,7 @@ class Status(Message):
     details: list[AnyMessage] = pfield(3, "message", repeated=True, message=AnyMessage)
 
 
-@dataclass
+@record
 class Request(Message):
     service: str = pfield(1, "string")
     method: str = pfield(2, "string")
@@ -50,7 +49,7 @@ class Request(Message):
     metadata: list[KeyValue] = pfield(5, "message", repeated=True, message=KeyValue)
 
 
-@dataclass
+@record
 class Response(Message):
     status: Status | None = pfield(1, "message", message=Status)
     payload: bytes = pfield(2, "bytes")

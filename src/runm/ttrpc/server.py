@@ -24,11 +24,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from runm.channel.stream import AsyncioByteStream, ByteStream
 from runm.proto.codec import DecodeError, Message
+from runm.records import record
 from runm.ttrpc._writer import FrameWriter
 from runm.ttrpc.framing import (
     Flags,
@@ -53,7 +53,7 @@ RECEIVE_SIZE = 1 << 18
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 
 
-@dataclass
+@record
 class CallContext:
     """What a handler knows about its call besides the request message."""
 
@@ -79,7 +79,7 @@ class CallContext:
         return self.get(NAMESPACE_KEY)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Method:
     streaming: bool
     request_type: type[Message]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+
+from runm.records import record
 
 CTL_PORT = "runm.ctl"
 IO_PORT = "runm.io"
@@ -14,7 +16,7 @@ class VMError(Exception):
     """The VM could not be started or died; the message says why (with the console tail)."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Share:
     """A host directory visible in the guest at guest_path."""
 
@@ -24,7 +26,7 @@ class Share:
     readonly: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PortForward:
     """A host port forwarded to the guest's (and so the container's) port."""
 
@@ -37,7 +39,7 @@ class PortForward:
         return f"{self.host_ip}:{self.host_port}:{self.guest_port}/{self.protocol}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SnapshotFiles:
     """A saved guest: its RAM as a (sparse) file and QEMU's device state without RAM."""
 
@@ -45,7 +47,7 @@ class SnapshotFiles:
     state: Path
 
 
-@dataclass
+@record
 class VMConfig:
     name: str
     kernel: Path
