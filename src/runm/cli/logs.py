@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
 import sys
 from typing import TextIO
 
+from runm.sandbox.state import rfc3339_now
+
 LEVEL_NAMES = {"CRITICAL": "fatal", "ERROR": "error", "WARNING": "warning", "INFO": "info",
                "DEBUG": "debug"}
 
 
 def _time() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace(
-        "+00:00", "Z")
+    return rfc3339_now(6)
 
 
 class JsonFormatter(logging.Formatter):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -71,6 +70,8 @@ def _prepare_snapshot(image: object, progress: Progress) -> bool:
     assert isinstance(image, GuestImage)
     if not snapshots_enabled():
         return False
+    import asyncio  # not at the top: `state`, `kill` and the like do without it
+
     return asyncio.run(prepare_snapshot(image, progress.step))
 
 
@@ -102,6 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(container_id=args.id, bundle=bundle, store=StateStore(args.root),
                       image=image, keep=args.keep, no_pivot=args.no_pivot,
                       pid_file=args.pid_file, publish=publish)
+    import asyncio
+
     return asyncio.run(run_container(opts))
 
 

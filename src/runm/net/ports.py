@@ -3,7 +3,6 @@ annotation, as docker and podman spell them, checked before any VM starts."""
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
 
@@ -28,6 +27,8 @@ def parse_publish(text: str) -> PortForward:
         host_ip = host_ip.strip("[]") or "0.0.0.0"
     else:
         raise RunmError(f"invalid publish {text!r}: want [IP:]HOSTPORT:CONTAINERPORT[/PROTO]")
+    import ipaddress  # only for -p: a start without it does not load it
+
     try:
         address = ipaddress.ip_address(host_ip)
     except ValueError:

@@ -7,31 +7,29 @@ the monitor over `<run dir>/monitor.sock`. A dead monitor means a stopped contai
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 import tty
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from runm.atomicfile import write_pid_file
-from runm.channel.stream import AsyncioByteStream
 from runm.errors import RunmError
 from runm.proto import agent as api
 from runm.proto.codec import Message
+from runm.records import record
 from runm.sandbox.rundir import attach_socket, monitor_socket, vm_run_dir
-from runm.sandbox.standin import stand_in
 from runm.sandbox.state import ContainerRecord, StateStore
 from runm.sandbox.tty import RawTerminal, window_size
-from runm.ttrpc import Client, TtrpcError
+from runm.ttrpc.blocking import call_unix
+from runm.ttrpc.status import TtrpcError
 
 if TYPE_CHECKING:  # `state`, `kill` and the like do without the VM machinery's imports
     from runm.guest.image import GuestImage
@@ -78,7 +76,7 @@ def _pid_alive(pid: int, marker: str) -> bool:
     return marker.encode() in cmdline
 
 
-@dataclass
+@record
 class CreateOptions:
     container_id: str
     bundle: Bundle
@@ -199,21 +197,15 @@ class Container:
         pid = int(self.record.vm.get("foreground_pid", 0))
         return pid > 0 and _pid_alive(pid, "runm")
 
-    async def call(self, method: str, request: Message, response_type: type[M]) -> M:
-        try:
-            stream = await AsyncioByteStream.connect_unix(str(monitor_socket(self.run_dir)))
-        except OSError:
-            raise RunmError("container not running") from None
-        async with Client(stream) as client:
-            try:
-                return await client.call(api.MONITOR_SERVICE, method, request, response_type)
-            except TtrpcError as err:
-                raise RunmError(err.message) from None
-            except ConnectionError:
-                raise RunmError("container not running") from None
-
     def run(self, method: str, request: Message, response_type: type[M]) -> M:
-        return asyncio.run(self.call(method, request, response_type))
+        """One call to the container's monitor (blocking: these verbs make one and exit)."""
+        try:
+            return call_unix(str(monitor_socket(self.run_dir)), api.MONITOR_SERVICE, method,
+                             request, response_type)
+        except TtrpcError as err:
+            raise RunmError(err.message) from None
+        except OSError:  # no monitor to connect to, or it went away before answering
+            raise RunmError("container not running") from None
 
     def status(self) -> str:
         if self.record.status == "stopped":
@@ -327,7 +319,7 @@ class Container:
                             "socket")
         if console_socket and not terminal:
             raise RunmError("cannot use console socket if runc will not detach or allocate tty")
-        exec_id = "exec-" + secrets.token_hex(8)
+        exec_id = "exec-" + os.urandom(8).hex()
         tty_slave: int | None = None
         if terminal and console_socket:
             master, tty_slave = os.openpty()
@@ -380,6 +372,10 @@ class Container:
 
     def _stand_in_here(self, exec_id: str, own_terminal: bool) -> int:
         """`runm exec` without --detach: this process is the stand-in."""
+        import asyncio
+
+        from runm.sandbox.standin import stand_in
+
         socket_path = str(monitor_socket(self.run_dir))
         if own_terminal and os.isatty(0):
             with RawTerminal(0):

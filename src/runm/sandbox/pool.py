@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -34,12 +33,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runm.atomicfile import write_atomically
 from runm.filelock import hold, open_lock
+from runm.records import record
 from runm.sandbox.config import load_config
 from runm.sandbox.poolwait import (
     CLAIM_SOCKET,
@@ -65,7 +64,7 @@ WARM_UP_BUNDLE = "runm-warmup"
 WARM_UP_TIMEOUT = 60.0  # one busybox container; a guest that takes longer is not pooled
 
 
-@dataclass
+@record
 class Member:
     run_dir: Path
     state: str  # "starting" or "ready"
@@ -206,7 +205,7 @@ def refill(base: Path) -> int:
 
 def start_keeper(base: Path, memory_mib: int) -> Path:
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    run_dir = base / f"{MEMBER_PREFIX}{secrets.token_hex(5)}"
+    run_dir = base / f"{MEMBER_PREFIX}{os.urandom(5).hex()}"
     run_dir.mkdir(mode=0o700)
     # Counted at once, under the refill lock; the keeper fills in its pid once it can handle
     # a drain's SIGTERM (Keeper.run), so a drain never kills it halfway.

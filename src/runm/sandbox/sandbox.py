@@ -86,8 +86,10 @@ async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float,
             if loop.time() >= deadline:
                 raise RunmError(_boot_failure(
                     vm, f"guest agent did not answer within {timeout:.0f}s"))
-            log.warning("guest agent of %s has not answered after %.1fs: asking again",
-                        vm.config.name, timeout - left + step)
+            # info, not a warning: stderr of `runm run` is the container's too, and this is
+            # recovered from (--log files and --debug show it)
+            log.info("guest agent of %s has not answered after %.1fs: asking again",
+                     vm.config.name, timeout - left + step)
             probes.append(asyncio.ensure_future(agent.setup(0, b"")))
             ask_again_after = 0.0  # once: past that, it is the guest, not a notification
         try:

@@ -14,7 +14,6 @@ is removed (the next start makes a new one); correctness never depends on it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
@@ -104,6 +103,8 @@ FALLOC_FL_PUNCH_HOLE = 2
 def punch_zero_pages(fd: int, chunk: int = 2 << 20) -> int:
     """Turn every all-zero page of the file into a hole; return the bytes freed. Restores
     copy only data extents, so this is RAM (and copy time) saved in every restored VM."""
+    import ctypes  # only here: a start does not need it
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     zero_chunk = bytes(chunk)

@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import fcntl
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from runm.atomicfile import write_atomically
 from runm.errors import RunmError
+from runm.records import record
 
 DEFAULT_ROOT = Path("/run/runm")
 
 
-def rfc3339_now() -> str:
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond * 1000:09d}Z"
+def rfc3339_now(digits: int = 9) -> str:
+    """The UTC time now as RFC 3339 with `digits` fraction digits (as Go's time package)."""
+    seconds, ns = divmod(time.time_ns(), 1_000_000_000)
+    fraction = f"{ns:09d}"[:digits]
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds)) + fraction + "Z"
 
 
-@dataclass
+@record
 class ContainerRecord:
     id: str
     bundle: str

@@ -24,20 +24,19 @@ from types import TracebackType
 from typing import Generic, Self, TypeVar
 
 from runm.channel.stream import ByteStream
-from runm.proto.codec import DecodeError, Message
+from runm.proto.codec import Message
 from runm.ttrpc._writer import FrameWriter
+from runm.ttrpc.calls import decode_payload, reply_of, request_bytes, response_of
 from runm.ttrpc.framing import (
-    MAX_DATA,
     Flags,
     Frame,
     FrameDecoder,
     FramingError,
     MessageType,
     OversizedFrame,
-    OversizedMessageError,
     encode_frame,
 )
-from runm.ttrpc.messages import KeyValue, Request, Response
+from runm.ttrpc.messages import Response
 from runm.ttrpc.status import Code, TtrpcError
 
 __all__ = ["Client", "ClientStream"]
@@ -48,7 +47,6 @@ M = TypeVar("M", bound=Message)
 
 RECEIVE_SIZE = 1 << 18
 _MAX_STREAM_ID = 0xFFFFFFFF
-_MAX_INT64 = (1 << 63) - 1
 
 
 class _Closed:
@@ -109,7 +107,7 @@ class Client:
         metadata: Mapping[str, str] | None = None,
     ) -> M:
         """Make a unary call and return the decoded reply."""
-        data = _request_bytes(service, method, request, timeout, metadata)
+        data = request_bytes(service, method, request, timeout, metadata)
         if timeout is not None and timeout <= 0:
             raise TimeoutError(f"ttrpc: {service}/{method}: timed out")
         stream_id, queue, sent = self._open(data, 0)
@@ -121,10 +119,7 @@ class Client:
                     item = await queue.get()
                     if isinstance(item, Frame) and item.type != MessageType.RESPONSE:
                         continue  # Data frames mean nothing to a unary call
-                    response = self._response(item)
-                    if response.status is not None and response.status.code != Code.OK:
-                        raise TtrpcError.from_status(response.status)
-                    return _decode(response_type, response.payload)
+                    return reply_of(self._response(item), response_type)
         except TimeoutError:
             if deadline.expired():
                 raise TimeoutError(f"ttrpc: {service}/{method}: timed out") from None
@@ -147,7 +142,7 @@ class Client:
         The request is sent on the first iteration. The timeout covers the whole stream.
         Raises OversizedMessageError here if the request is too large.
         """
-        data = _request_bytes(service, method, request, timeout, metadata)
+        data = request_bytes(service, method, request, timeout, metadata)
         return ClientStream(self, f"{service}/{method}", data, response_type, timeout)
 
     # internals shared with ClientStream
@@ -180,12 +175,7 @@ class Client:
         """The Response envelope in item, or raise what item means."""
         if isinstance(item, _Closed):
             raise ConnectionResetError(self._closed or "ttrpc: connection closed")
-        if isinstance(item, OversizedFrame):
-            raise OversizedMessageError(item.length)
-        try:
-            return Response.decode(item.data)
-        except DecodeError as err:
-            raise TtrpcError(Code.INTERNAL, f"bad response envelope: {err}") from err
+        return response_of(item)
 
     async def _read_loop(self) -> None:
         reason = "ttrpc: connection closed"
@@ -301,7 +291,7 @@ class ClientStream(Generic[M]):
                     self._finish()
                     if item.flags & Flags.NO_DATA:
                         raise StopAsyncIteration
-                return _decode(self._type, item.data)
+                return decode_payload(self._type, item.data)
             if isinstance(item, Frame) and item.type != MessageType.RESPONSE:
                 continue
             self._finish()
@@ -310,37 +300,5 @@ class ClientStream(Generic[M]):
                 raise TtrpcError.from_status(response.status)
             if not response.payload:
                 raise StopAsyncIteration
-            return _decode(self._type, response.payload)
+            return decode_payload(self._type, response.payload)
 
-
-def _request_bytes(
-    service: str,
-    method: str,
-    request: Message,
-    timeout: float | None,
-    metadata: Mapping[str, str] | None,
-) -> bytes:
-    envelope = Request(
-        service=service,
-        method=method,
-        payload=request.encode(),
-        timeout_nano=_timeout_nano(timeout),
-        metadata=[KeyValue(k.lower(), v) for k, v in (metadata or {}).items()],
-    )
-    data = envelope.encode()
-    if len(data) > MAX_DATA:
-        raise OversizedMessageError(len(data))
-    return data
-
-
-def _timeout_nano(timeout: float | None) -> int:
-    if timeout is None or timeout <= 0:
-        return 0
-    return int(min(timeout * 1e9, _MAX_INT64))
-
-
-def _decode(response_type: type[M], payload: bytes) -> M:
-    try:
-        return response_type.decode(payload)
-    except DecodeError as err:
-        raise TtrpcError(Code.INTERNAL, f"cannot decode {response_type.__name__}: {err}") from err

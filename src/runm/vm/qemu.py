@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ipaddress
 import logging
 import os
 import re
@@ -44,7 +42,6 @@ FAST_KERNEL_ARGS = [
 HOTPLUG_ROOT_PORTS = 8
 MIGRATION_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 10.0  # device_del needs the guest's consent (ACPI eject): ~0.1 s under TCG
-GUEST_NETWORK = str(ipaddress.ip_network(network.GUEST_CIDR, strict=False))
 _ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
 
 
@@ -68,12 +65,20 @@ def virtiofsd_binary() -> str:
     return found
 
 
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn: SIGKILL this child when its parent dies (checked against a fork race)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec_fn: SIGKILL the child when this process dies (checked against a fork race).
+    ctypes is loaded here, in the parent, and only by the paths that start processes."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def _listen(path: Path) -> socket.socket:
@@ -87,12 +92,12 @@ def _listen(path: Path) -> socket.socket:
 
 def _spawn(argv: Sequence[str], pass_fds: Sequence[int],
            stderr_path: Path) -> subprocess.Popen[bytes]:
-    parent = os.getpid()
+    preexec = _die_with_parent()
     with open(stderr_path, "ab") as err:
         return subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
             pass_fds=tuple(pass_fds), start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent),
+            preexec_fn=preexec,
         )
 
 
@@ -180,7 +185,7 @@ class QemuVM(VirtualMachine):
             "-device", "virtio-rng-pci",
             # User-mode networking (slirp, in QEMU's process): NAT to the host, DNS through
             # the host's resolver, ports published with hostfwd_add at run time.
-            "-netdev", f"user,id=net0,net={GUEST_NETWORK},host={network.GATEWAY},"
+            "-netdev", f"user,id=net0,net={network.GUEST_NETWORK},host={network.GATEWAY},"
                        f"dns={network.DNS},ipv6=off",
             "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile=",
             "-device", "virtio-serial-pci,id=vs0",
