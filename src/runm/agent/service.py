@@ -203,17 +203,18 @@ class AgentService:
         virtiofs mount and reads, `runc run`) before anyone waits for it.
         """
         await self.mount(api.MountRequest(req.tag, req.bundle, "virtiofs", [], req.wait_ms), ctx)
-        cid = WARM_UP_ID
         try:
             await self.create_container(
-                api.CreateContainerRequest(cid, req.bundle, api.Stdio(), start=True), ctx)
-            status = (await self.wait_process(api.ProcessRequest(cid), ctx)).exit_status
-            await self.delete_container(api.DeleteRequest(cid, True), ctx)
+                api.CreateContainerRequest(WARM_UP_ID, req.bundle, api.Stdio(), start=True), ctx)
+            status = (await self.wait_process(api.ProcessRequest(WARM_UP_ID), ctx)).exit_status
+            await self.delete_container(api.DeleteRequest(WARM_UP_ID, True), ctx)
         finally:
             try:
                 sysapi.umount(req.bundle)
             except OSError as err:
                 raise TtrpcError(Code.INTERNAL, f"warm-up container: {err}") from err
+            with contextlib.suppress(OSError):
+                os.rmdir(req.bundle)  # made by mount(); the taker's guest need not see it
         if status != 0:
             raise TtrpcError(Code.INTERNAL, f"warm-up container exited with {status}")
         return api.Empty()
