@@ -161,6 +161,41 @@ def test_exec_attached_detached_and_errors(runm: Runm, tmp_path: Path) -> None:
     assert runm.run("delete", "c3").returncode == 0
 
 
+def test_signals_to_a_stand_in_reach_its_process(runm: Runm, tmp_path: Path) -> None:
+    """What conmon and shells rely on: a signal sent to the pid runm stands in with (an
+    attached `runm exec`, or the --pid-file process of `exec -d`) reaches the process in the
+    guest, and the stand-in exits with that process's status."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
+    run = runm.run_detached("run", "-d", "-b", str(bundle), "c6")
+    assert run.returncode == 0, run.stderr.decode()
+    try:
+        script = "trap 'echo got $1; exit 7' TERM; echo ready; while :; do sleep 1; done"
+        attached = subprocess.Popen(runm.argv("exec", "c6", "sh", "-c", script, "sh", "TERM"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=runm.env)
+        try:
+            assert attached.stdout is not None
+            assert attached.stdout.readline() == b"ready\n"  # the trap is set
+            attached.send_signal(signal.SIGTERM)
+            out, err = attached.communicate(timeout=60)
+        finally:
+            attached.kill()
+        assert (attached.returncode, out) == (7, b"got TERM\n"), err.decode()
+
+        pid_file = tmp_path / "exec.pid"
+        detached = runm.run_detached("exec", "-d", "--pid-file", str(pid_file), "c6",
+                                     "sleep", "601")
+        assert detached.returncode == 0, detached.stderr.decode()
+        standin = int(pid_file.read_text())
+        os.kill(standin, signal.SIGUSR1)
+        wait_for_pid_exit(standin)  # after the process it stands for
+        ps = runm.run("exec", "c6", "ps")
+        assert ps.returncode == 0 and b"sleep 600" in ps.stdout, ps.stderr.decode()
+        assert b"sleep 601" not in ps.stdout, "the signal did not reach the exec'd process"
+        assert state(runm, "c6")["status"] == "running", "only the exec'd process got the signal"
+    finally:
+        assert runm.run("delete", "--force", "c6").returncode == 0
+
+
 def test_unknown_ids_and_force_delete(runm: Runm) -> None:
     for verb in (["start"], ["kill"], ["pause"], ["resume"], ["ps"], ["delete"], ["exec"],
                  ["state"]):

@@ -372,13 +372,11 @@ class Container:
 
     def _stand_in_here(self, exec_id: str, own_terminal: bool) -> int:
         """`runm exec` without --detach: this process is the stand-in."""
-        import asyncio
-
         from runm.sandbox.standin import stand_in
 
         socket_path = str(monitor_socket(self.run_dir))
         if own_terminal and os.isatty(0):
             with RawTerminal(0):
-                return asyncio.run(stand_in(socket_path, exec_id, 0))
-        return asyncio.run(stand_in(socket_path, exec_id, None))
+                return stand_in(socket_path, exec_id, 0)
+        return stand_in(socket_path, exec_id, None)
 

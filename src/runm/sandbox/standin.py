@@ -9,68 +9,56 @@ that started it, so it is reparented to the caller when that invocation exits.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import fcntl
 import os
 import signal
 import sys
 import termios
+from types import FrameType
 
-from runm.channel.stream import AsyncioByteStream
 from runm.proto import agent as api
 from runm.proto.codec import Message
 from runm.sandbox.tty import window_size
-from runm.ttrpc import Client, TtrpcError
+from runm.ttrpc.blocking import call_unix
+from runm.ttrpc.status import TtrpcError
 
 LOST = 137
 UNFORWARDED = {signal.SIGCHLD, signal.SIGPIPE, signal.SIGKILL, signal.SIGSTOP, signal.SIGURG}
 
 
-async def call(client: Client, method: str, request: Message,
-               response_type: type[Message]) -> Message:
-    return await client.call(api.MONITOR_SERVICE, method, request, response_type)
+def stand_in(socket_path: str, exec_id: str, tty_fd: int | None) -> int:
+    """Mirror one guest process until it exits; return its exit status.
 
+    Blocking, without asyncio (a stand-in lives as long as its container: every MiB and
+    every import counts): the main thread waits in one `Wait` call, and each signal's
+    handler makes its own call (the wait's recv() resumes after the handler, PEP 475)."""
 
-async def stand_in(socket_path: str, exec_id: str, tty_fd: int | None) -> int:
-    """Mirror one guest process until it exits; return its exit status."""
+    def call(method: str, request: Message, response_type: type[Message]) -> Message:
+        return call_unix(socket_path, api.MONITOR_SERVICE, method, request, response_type)
+
+    def forward(signum: int, frame: FrameType | None = None) -> None:
+        with contextlib.suppress(TtrpcError, OSError):
+            if signum == signal.SIGWINCH:
+                size = window_size(tty_fd) if tty_fd is not None else None
+                if size:
+                    call("Resize", api.ResizeRequest("", exec_id, *size), api.Empty)
+                return
+            call("Kill", api.SignalRequest("", exec_id, signum), api.Empty)
+
+    for signum in signal.valid_signals():
+        if signum in UNFORWARDED or not 0 < signum < signal.SIGRTMIN:
+            continue
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            signal.signal(signum, forward)
+    if tty_fd is not None:
+        forward(signal.SIGWINCH)
     try:
-        stream = await AsyncioByteStream.connect_unix(socket_path)
-    except OSError:
+        waited = call("Wait", api.ProcessRequest("", exec_id), api.WaitResponse)
+    except (TtrpcError, OSError):
         return LOST
-    loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task[None]] = set()
-    async with Client(stream) as client:
-
-        async def forward(signum: int) -> None:
-            with contextlib.suppress(TtrpcError, ConnectionError):
-                if signum == signal.SIGWINCH:
-                    size = window_size(tty_fd) if tty_fd is not None else None
-                    if size:
-                        await call(client, "Resize",
-                                   api.ResizeRequest("", exec_id, *size), api.Empty)
-                    return
-                await call(client, "Kill", api.SignalRequest("", exec_id, signum), api.Empty)
-
-        def on_signal(signum: int) -> None:
-            task = loop.create_task(forward(signum))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-
-        for signum in signal.valid_signals():
-            if signum in UNFORWARDED or not 0 < signum < signal.SIGRTMIN:
-                continue
-            with contextlib.suppress(OSError, RuntimeError, ValueError):
-                loop.add_signal_handler(signum, on_signal, signum)
-        if tty_fd is not None:
-            await forward(signal.SIGWINCH)
-        try:
-            waited = await call(client, "Wait", api.ProcessRequest("", exec_id),
-                                api.WaitResponse)
-        except (TtrpcError, ConnectionError):
-            return LOST
-        assert isinstance(waited, api.WaitResponse)
-        return waited.exit_status
+    assert isinstance(waited, api.WaitResponse)
+    return waited.exit_status
 
 
 def take_terminal(fd: int) -> None:
@@ -90,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tty_fd is not None:
         take_terminal(args.tty_fd)
-    status = asyncio.run(stand_in(args.socket, args.exec_id, args.tty_fd))
-    return status
+    return stand_in(args.socket, args.exec_id, args.tty_fd)
 
 
 if __name__ == "__main__":
