@@ -127,11 +127,7 @@ def create(opts: CreateOptions) -> ContainerRecord:
             stdio = [os.dup(0), os.dup(1), os.dup(2)]
         monitor = _start_monitor(config_path, state_dir, stdio)
         record.vm = {"run_dir": str(run_dir), "monitor_pid": monitor.pid}
-        standin = subprocess.Popen(
-            _python_module("runm.sandbox.standin", "--socket", str(monitor_socket(run_dir)),
-                           *(["--tty-fd", "0"] if terminal else [])),
-            stdin=tty_slave if terminal else subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+        standin = _spawn_stand_in(run_dir, "", tty_slave if terminal else None)
     except BaseException:
         if monitor is not None and monitor.poll() is None:
             monitor.kill()
@@ -151,6 +147,20 @@ def create(opts: CreateOptions) -> ContainerRecord:
     if opts.pid_file:
         write_pid_file(opts.pid_file, standin.pid)
     return record
+
+
+def _spawn_stand_in(run_dir: Path, exec_id: str, tty_slave: int | None) -> subprocess.Popen[bytes]:
+    """The stand-in process for exec_id ("": the container's init), with the signals it
+    forwards held until it can forward them (its pid is published right away)."""
+    from runm.sandbox.standin import signals_held
+
+    with signals_held():
+        return subprocess.Popen(
+            _python_module("runm.sandbox.standin", "--socket", str(monitor_socket(run_dir)),
+                           *(["--exec-id", exec_id] if exec_id else []),
+                           *(["--tty-fd", "0"] if tty_slave is not None else [])),
+            stdin=tty_slave if tty_slave is not None else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
 def _start_monitor(config_path: Path, state_dir: Path,
@@ -341,15 +351,15 @@ class Container:
             self._attach(exec_id, fds, wanted)
             request = api.ExecProcessRequest(self.id, exec_id, json.dumps(process),
                                              api.Stdio(terminal=terminal))
-            self.run("Exec", request, api.ProcessResponse)
             if not detach:
-                return self._stand_in_here(exec_id, terminal and not console_socket)
-            standin = subprocess.Popen(
-                _python_module("runm.sandbox.standin", "--socket",
-                               str(monitor_socket(self.run_dir)), "--exec-id", exec_id,
-                               *(["--tty-fd", "0"] if tty_slave is not None else [])),
-                stdin=tty_slave if tty_slave is not None else subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+                from runm.sandbox.standin import signals_held
+
+                # held from before the process starts: it gets them, not this process
+                with signals_held():
+                    self.run("Exec", request, api.ProcessResponse)
+                    return self._stand_in_here(exec_id, terminal and not console_socket)
+            self.run("Exec", request, api.ProcessResponse)
+            standin = _spawn_stand_in(self.run_dir, exec_id, tty_slave)
         finally:
             if tty_slave is not None:
                 os.close(tty_slave)

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import termios
+from collections.abc import Iterator
 from types import FrameType
 
 from runm.proto import agent as api
@@ -25,6 +26,20 @@ from runm.ttrpc.status import TtrpcError
 
 LOST = 137
 UNFORWARDED = {signal.SIGCHLD, signal.SIGPIPE, signal.SIGKILL, signal.SIGSTOP, signal.SIGURG}
+FORWARDED = frozenset(s for s in signal.valid_signals()
+                      if s not in UNFORWARDED and 0 < s < signal.SIGRTMIN)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Block the forwarded signals in this thread meanwhile: a stand-in started inside
+    inherits them blocked and takes them once it can forward them (its pid may be
+    published, and signalled, before its interpreter has even started)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def stand_in(socket_path: str, exec_id: str, tty_fd: int | None) -> int:
@@ -46,11 +61,10 @@ def stand_in(socket_path: str, exec_id: str, tty_fd: int | None) -> int:
                 return
             call("Kill", api.SignalRequest("", exec_id, signum), api.Empty)
 
-    for signum in signal.valid_signals():
-        if signum in UNFORWARDED or not 0 < signum < signal.SIGRTMIN:
-            continue
+    for signum in FORWARDED:
         with contextlib.suppress(OSError, RuntimeError, ValueError):
             signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # those that came meanwhile: now
     if tty_fd is not None:
         forward(signal.SIGWINCH)
     try:
