@@ -17,7 +17,7 @@ from runm.proto.codec import Message, pfield
 from runm.records import record
 from runm.ttrpc import CallContext, Code, Server, TtrpcError, serve_unix
 from runm.ttrpc.blocking import call_unix
-from runm.ttrpc.framing import FrameDecoder, MessageType, encode_frame
+from runm.ttrpc.framing import Frame, FrameDecoder, MessageType, encode_frame
 from runm.ttrpc.messages import Request, Response, Status
 
 SVC = "runm.test.v1.Echo"
@@ -66,8 +66,10 @@ def serving(tmp_path: Path) -> Iterator[str]:
 
 
 @contextmanager
-def raw_peer(tmp_path: Path, answer: Callable[[socket.socket, int], None]) -> Iterator[str]:
-    """A server that reads one request frame and then does `answer(conn, stream_id)`."""
+def raw_peer(tmp_path: Path, answer: Callable[[socket.socket, int], None],
+             requests: list[Frame] | None = None) -> Iterator[str]:
+    """A server that reads one request frame (kept in `requests`), then does
+    `answer(conn, stream_id)`."""
     path = str(tmp_path / "raw.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -79,6 +81,8 @@ def raw_peer(tmp_path: Path, answer: Callable[[socket.socket, int], None]) -> It
             decoder = FrameDecoder()
             while (event := decoder.next_event()) is None:
                 decoder.feed(conn.recv(4096))
+            if requests is not None and isinstance(event, Frame):
+                requests.append(event)
             answer(conn, event.stream_id)
 
     thread = threading.Thread(target=serve)
@@ -174,35 +178,16 @@ def test_timeout_raises_timeout_error(tmp_path: Path) -> None:
 
 
 def test_request_carries_service_method_and_metadata(tmp_path: Path) -> None:
-    seen: list[Request] = []
-
     def answer(conn: socket.socket, stream_id: int) -> None:
         conn.sendall(encode_frame(stream_id, MessageType.RESPONSE, 0, Response().encode()))
 
-    path = str(tmp_path / "m.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            decoder = FrameDecoder()
-            while (event := decoder.next_event()) is None:
-                decoder.feed(conn.recv(4096))
-            assert event.stream_id == 1 and event.type == MessageType.REQUEST
-            seen.append(Request.decode(event.data))
-            answer(conn, event.stream_id)
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
+    requests: list[Frame] = []
+    with raw_peer(tmp_path, answer, requests) as path:
         assert call_unix(path, SVC, "Echo", Echo("a"), Echo, timeout=3,
                          metadata={"X-Key": "v"}) == Echo()
-    finally:
-        thread.join(5)
-        listener.close()
-    (request,) = seen
+    (frame,) = requests
+    assert frame.stream_id == 1 and frame.type == MessageType.REQUEST
+    request = Request.decode(frame.data)
     assert (request.service, request.method, Echo.decode(request.payload)) == (
         SVC, "Echo", Echo("a"))
     assert [(kv.key, kv.value) for kv in request.metadata] == [("x-key", "v")]
