@@ -663,7 +663,7 @@ def shim_start(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     directory = Path(tempfile.mkdtemp(prefix="ctrd-", dir=h.work))
     (directory / "bin").mkdir()
     _script(directory / "bin" / "containerd-shim-runm-v2", "runm.shim.main")
-    runm_binary = _script(directory / "bin" / "runm", "runm.cli.main")
+    runm_binary = _script(directory / "bin" / "runm", "runm.cli.entry")
     (directory / "config.toml").write_text(CONTAINERD_CONFIG.format(dir=directory))
     env = dict(h.env, PATH=f"{directory / 'bin'}:{os.environ.get('PATH', '')}")
     rootfs = h.bundle("true", ["true"]) / "rootfs"

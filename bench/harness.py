@@ -28,6 +28,8 @@ from bench.procs import cmdline, descendants, kill_pids, snapshot
 
 CHUNK = 1 << 20
 ZEROS = bytes(CHUNK)
+# what the installed `runm` script runs (its entry point keeps ssl unloaded), from SRC
+RUNM = (sys.executable, "-m", "runm.cli.entry")
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Harness:
 
     def runm_argv(self, bundle: Path, cid: str) -> list[str]:
         self._runm_ids.append(cid)
-        return [sys.executable, "-m", "runm.cli.main", "--root", str(self.runm_root), "run",
+        return [*RUNM, "--root", str(self.runm_root), "run",
                 "--bundle", str(bundle), cid]
 
     def runc_argv(self, bundle: Path, cid: str) -> list[str]:
@@ -103,7 +105,7 @@ class Harness:
 
     def runm_cli(self, *args: str) -> list[str]:
         """Any runm verb against the bench's --root (`run` ids: use runm_argv or track())."""
-        return [sys.executable, "-m", "runm.cli.main", "--root", str(self.runm_root), *args]
+        return [*RUNM, "--root", str(self.runm_root), *args]
 
     def runc_cli(self, *args: str) -> list[str]:
         return ["runc", "--root", str(self.runc_root), *args]

@@ -16,3 +16,7 @@ def main() -> int:
     from runm.cli.main import main as cli_main
 
     return cli_main()
+
+
+if __name__ == "__main__":  # `python -m runm.cli.entry`: exactly what the `runm` script runs
+    sys.exit(main())
