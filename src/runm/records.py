@@ -2,7 +2,7 @@
 
 Every runm command is a new interpreter, and defining a dataclass costs ~0.7 ms, most of it
 ``exec`` of the generated ``__eq__`` and ``__repr__`` (and ``inspect.signature`` for a class
-without a docstring). The ~100 classes a start imports cost ~55 ms that way. A record is a
+without a docstring). The ~100 classes a start imports cost ~25 ms more that way. A record is a
 plain dataclass (``fields``, ``replace``, ``asdict`` and typing work as usual) whose ``__eq__``,
 ``__repr__`` and, when frozen, ``__hash__`` are shared functions with the same behaviour.
 Used by the guest agent too (copied into the guest image): standard library only.
