@@ -351,14 +351,14 @@ class Container:
             self._attach(exec_id, fds, wanted)
             request = api.ExecProcessRequest(self.id, exec_id, json.dumps(process),
                                              api.Stdio(terminal=terminal))
-            if not detach:
-                from runm.sandbox.standin import signals_held
+            from runm.sandbox.standin import signals_held
 
-                # held from before the process starts: it gets them, not this process
-                with signals_held():
-                    self.run("Exec", request, api.ProcessResponse)
+            # attached, this process is the stand-in: the signals it forwards are held from
+            # before the process starts, so that process gets them
+            with contextlib.nullcontext() if detach else signals_held():
+                self.run("Exec", request, api.ProcessResponse)
+                if not detach:
                     return self._stand_in_here(exec_id, terminal and not console_socket)
-            self.run("Exec", request, api.ProcessResponse)
             standin = _spawn_stand_in(self.run_dir, exec_id, tty_slave)
         finally:
             if tty_slave is not None:
