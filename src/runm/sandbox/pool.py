@@ -108,12 +108,17 @@ def members(base: Path) -> list[Member]:
     return [member for member, in_pool in _read_members(base) if in_pool]
 
 
-def _remove_dead_members(base: Path) -> None:
-    """Remove the dirs of members whose keeper died (SIGKILL, a crash: its QEMU died with it)
-    or never started. Only under the refill lock, which start_keeper runs under too."""
+def _sweep(base: Path) -> list[Member]:
+    """members(), in the same pass removing the dirs of members whose keeper died (SIGKILL, a
+    crash: its QEMU died with it) or never started. Only under the refill lock, which
+    start_keeper runs under too."""
+    found = []
     for member, in_pool in _read_members(base):
-        if not in_pool:
+        if in_pool:
+            found.append(member)
+        else:
             shutil.rmtree(member.run_dir, ignore_errors=True)
+    return found
 
 
 def pool_sizes(base: Path) -> dict[int, int]:
@@ -194,8 +199,7 @@ def refill(base: Path) -> int:
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     started = 0
     with hold(open_lock(base / REFILL_LOCK)):
-        _remove_dead_members(base)
-        have = [m.memory_mib for m in members(base)]
+        have = [m.memory_mib for m in _sweep(base)]
         for memory_mib, count in sorted(sizes.items()):
             for _ in range(max(0, count - have.count(memory_mib))):
                 start_keeper(base, memory_mib)
@@ -224,9 +228,10 @@ def drain(base: Path) -> int:
     """Stop every unclaimed member; return how many were told to stop. One whose keeper has
     not published its pid yet finds the pool size changed once it is ready (Keeper.run)."""
     count = 0
+    found: list[Member] = []
     with contextlib.suppress(FileNotFoundError), hold(open_lock(base / REFILL_LOCK)):
-        _remove_dead_members(base)
-    for member in members(base):
+        found = _sweep(base)
+    for member in found:
         if member.keeper_pid <= 0:
             continue
         with contextlib.suppress(ProcessLookupError):
