@@ -198,3 +198,8 @@ def test_importing_it_does_not_load_asyncio() -> None:
     code = ("import sys, runm.ttrpc.blocking, runm.sandbox.detached; "
             "assert 'asyncio' not in sys.modules, 'asyncio loaded'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_spent_timeout_fails_before_connecting(tmp_path: Path) -> None:
+    with pytest.raises(TimeoutError, match=f"{SVC}/Echo: timed out"):
+        call_unix(str(tmp_path / "none.sock"), SVC, "Echo", Echo(), Echo, timeout=0)

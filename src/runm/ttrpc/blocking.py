@@ -37,8 +37,10 @@ def call_unix(
 ) -> M:
     """Connect to the ttrpc server at unix socket `path`, make one call, return its reply."""
     data = request_bytes(service, method, request, timeout, metadata)
-    deadline = None if timeout is None else time.monotonic() + timeout
     label = f"ttrpc: {service}/{method}"
+    if timeout is not None and timeout <= 0:  # as Client.call (settimeout(0): non-blocking)
+        raise TimeoutError(f"{label}: timed out")
+    deadline = None if timeout is None else time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:
