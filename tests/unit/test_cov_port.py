@@ -124,6 +124,35 @@ def test_receive_returns_data_sent_by_the_host() -> None:
     asyncio.run(main())
 
 
+def test_receive_takes_every_queued_buffer_in_one_call() -> None:
+    """A real port's read() returns one page-sized buffer of the driver at most; a SEQPACKET
+    socket's returns one packet. receive() gathers what is queued, up to max_bytes, so one
+    (costly, under TCG) turn of the mux reader handles it all; an EOF behind the data comes on
+    the next call."""
+
+    async def main() -> None:
+        ours, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fd = ours.detach()
+        port = VirtioPort(fd)
+        try:
+            for part in (b"a" * 4096, b"b" * 4096, b"c" * 100):
+                host.send(part)
+            assert await asyncio.wait_for(port.receive(), WAIT) == (
+                b"a" * 4096 + b"b" * 4096 + b"c" * 100)
+            for part in (b"d" * 4096, b"e" * 4096, b"f" * 4096):
+                host.send(part)
+            assert await asyncio.wait_for(port.receive(8192), WAIT) == b"d" * 4096 + b"e" * 4096
+            host.send(b"last")
+            host.close()
+            assert await asyncio.wait_for(port.receive(), WAIT) == b"f" * 4096 + b"last"
+            assert await asyncio.wait_for(port.receive(), WAIT) == b""
+        finally:
+            os.close(fd)
+            host.close()
+
+    asyncio.run(main())
+
+
 def test_send_all_delivers_several_mib_through_a_small_buffer() -> None:
     payload = os.urandom(6 * 1024 * 1024 + 7)  # far above the socket buffer: EAGAIN waits
 

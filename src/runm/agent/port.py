@@ -82,10 +82,22 @@ class VirtioPort:
             return data
         while True:
             try:
-                return os.read(self.fd, max_bytes)  # b"" = host disconnected
+                data = os.read(self.fd, max_bytes)  # b"" = host disconnected
             except BlockingIOError:
-                pass
-            await wait_fd(self.fd)
+                await wait_fd(self.fd)
+                continue
+            # A read returns one of the driver's page-sized buffers: take what else is
+            # queued now, so the caller's (costly, under TCG) turn handles more than 4 KiB.
+            chunks = [data]
+            total = len(data)
+            while data and total < max_bytes:
+                try:
+                    data = os.read(self.fd, max_bytes - total)
+                except OSError:
+                    break  # nothing more queued; an error shows again on the next call
+                chunks.append(data)
+                total += len(data)
+            return b"".join(chunks)
 
     async def send_all(self, data: bytes) -> None:
         view = memoryview(data)
