@@ -163,7 +163,8 @@ def test_bad_arguments() -> None:
 
 
 def _over_window() -> bytes:
-    return b"".join(frame(1, 0, bytes(MAX_FRAME)) for _ in range(4)) + frame(1, 0, b"!")
+    full = INITIAL_WINDOW // MAX_FRAME
+    return b"".join(frame(1, 0, bytes(MAX_FRAME)) for _ in range(full)) + frame(1, 0, b"!")
 
 
 VIOLATIONS: dict[str, tuple[bytes, bytes]] = {
@@ -637,7 +638,7 @@ def test_truncated_frame_at_eof_is_an_error() -> None:
 
 def test_connection_loss_wakes_blocked_readers_and_writers() -> None:
     async def body() -> None:
-        local, raw = mem_pair(capacity=1 << 20)  # the writer is never stuck in send_all
+        local, raw = mem_pair(capacity=2 * INITIAL_WINDOW)  # the writer is never stuck in send_all
         async with Mux(local) as mux:
             r, w = mux.open(1), mux.open(2)
             reader = asyncio.create_task(r.read())

@@ -16,7 +16,7 @@ length: uint32) followed by ``length`` payload bytes:
   bytes, the sender may send that many more;
 - RESET=3: length 0; abort the stream in both directions.
 
-Each stream starts with a send window of INITIAL_WINDOW (262144) bytes in each direction; both
+Each stream starts with a send window of INITIAL_WINDOW (4 MiB) bytes in each direction; both
 sides know it (no handshake). Stream ids are chosen by the host and passed out of band (in
 ttrpc requests) and must not be reused on one connection; either side may send on any id it has
 been told about. Data arriving for a stream nobody has opened yet is buffered (bounded by the
