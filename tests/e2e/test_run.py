@@ -82,6 +82,27 @@ def test_signals_are_forwarded(runm: Runm, tmp_path: Path, signum: int) -> None:
     assert proc.returncode == 3
 
 
+def test_a_signal_while_the_vm_starts_ends_runm_and_leaves_nothing(runm: Runm,
+                                                                 tmp_path: Path) -> None:
+    """SIGTERM as soon as the container's state exists: runm exits 143 and removes the
+    state and the VM, whether the signal came before the process started (runm's own) or
+    after (forwarded to `sleep`, which is not a pid-namespace init here, so it dies of it)."""
+    proc = runm.popen("run", "-b", str(bundle(tmp_path, "sleep", "600", pid_ns=False)), "early",
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: (runm.root / "early").exists(), timeout=60, interval=0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert not (runm.root / "early").exists()
+    assert runm.run("state", "early").returncode == 1
+
+
 def test_sigkilled_runm_leaves_no_vm_behind(runm: Runm, tmp_path: Path) -> None:
     proc = runm.popen("run", "-b", str(bundle(tmp_path, "sh", "-c", "echo up; sleep 600")),
                       "orphan", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -77,11 +77,7 @@ async def run_container(opts: RunOptions) -> int:
     """Run the bundle's process in a fresh VM; return its exit status (128+N for signal N)."""
     cid = opts.container_id
     bundle = opts.bundle
-    record = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
-                             annotations=bundle.annotations, pid=os.getpid())
-    opts.store.create(record)
     run_dir = vm_run_dir(opts.store.root, cid)
-    record.vm = {"run_dir": str(run_dir), "foreground_pid": os.getpid()}
     vm_size = bundle_vm_size(bundle)
     sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle),
                              memory_mib=vm_size.memory_mib, cpus=vm_size.cpus,
@@ -90,17 +86,33 @@ async def run_container(opts: RunOptions) -> int:
     interrupted: list[int] = []
     started = asyncio.Event()
     agent_ready = False
+    pending: set[asyncio.Task[None]] = set()
+    main = asyncio.current_task()
+    assert main is not None
 
     def on_signal(signum: int) -> None:
         if not started.is_set():
             interrupted.append(signum)
-            assert main is not None
             main.cancel()
             return
         if sandbox.agent is not None:
             task = loop.create_task(_forward(sandbox, cid, signum))
             pending.add(task)
             task.add_done_callback(pending.discard)
+
+    # Handled from before the state exists (the first await below cancels), so that the
+    # `finally` removes the state and the VM; a signal before this kills runm with nothing made.
+    for signum in FORWARDED_SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+    record = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
+                             annotations=bundle.annotations, pid=os.getpid())
+    try:
+        opts.store.create(record)
+    except BaseException:
+        for signum in FORWARDED_SIGNALS:
+            loop.remove_signal_handler(signum)
+        raise
+    record.vm = {"run_dir": str(run_dir), "foreground_pid": os.getpid()}
 
     def running() -> None:
         """The container's process runs: signals go to it now, the pool may refill."""
@@ -109,11 +121,6 @@ async def run_container(opts: RunOptions) -> int:
         record.status = "running"
         opts.store.save(record)
 
-    pending: set[asyncio.Task[None]] = set()
-    main = asyncio.current_task()
-    assert main is not None
-    for signum in FORWARDED_SIGNALS:
-        loop.add_signal_handler(signum, on_signal, signum)
     terminal = bundle.terminal
     status = 255
     try:
