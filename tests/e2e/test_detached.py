@@ -250,6 +250,23 @@ def test_terminal_via_console_socket(runm: Runm, tmp_path: Path) -> None:
     assert runm.run("delete", "t1").returncode == 0
 
 
+def test_a_create_killed_while_the_vm_starts_leaves_nothing(runm: Runm, tmp_path: Path) -> None:
+    """A caller's timeout SIGKILLs `runm create` while its VM monitor boots: the monitor finds
+    its creator gone, stops the VM and removes the container's state."""
+    bundle = make_busybox_bundle(tmp_path / "bundle", ["sleep", "600"])
+    proc = runm.popen("create", "-b", str(bundle), "gone", stdin=subprocess.DEVNULL,
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: any("runm.sandbox.monitor" in cmd and str(runm.root) in cmd
+                                      for cmd in vm_processes().values()),
+                          timeout=60, interval=0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: not (runm.root / "gone").exists(), timeout=120)
+    assert runm.run("state", "gone").returncode == 1
+
+
 def test_monitor_death_means_stopped_and_clean_delete(runm: Runm, tmp_path: Path) -> None:
     bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
     pid_file = tmp_path / "pid"

@@ -284,20 +284,37 @@ async def run_monitor(config: MonitorConfig, stdio_fds: list[int], ready_fd: int
             listeners.append(await serve_unix(server, str(monitor_socket(monitor.run_dir))))
             listeners.append(await monitor.serve_attach(attach_socket(monitor.run_dir)))
         except RunmError as err:
-            os.write(ready_fd, f"error: {err.message}\n".encode())
+            _tell_creator(monitor, ready_fd, f"error: {err.message}")
             return 1
         except Exception as err:
             log.exception("monitor failed")
-            os.write(ready_fd, f"error: {err}\n".encode())
+            _tell_creator(monitor, ready_fd, f"error: {err}")
             return 1
-        os.write(ready_fd, b"ok\n")
-        os.close(ready_fd)
+        if not _tell_creator(monitor, ready_fd, "ok"):
+            return 1
         await monitor.done.wait()
         return 0
     finally:
         for listener in listeners:
             listener.close()
         await monitor.close()
+
+
+def _tell_creator(monitor: Monitor, ready_fd: int, answer: str) -> bool:
+    """Give `runm create` its answer ("ok" or "error: ..."); False if it is gone.
+
+    A creator that died waiting (killed, or a caller's timeout) has not cleaned up and nobody
+    knows of this container: its state goes too, and the monitor ends (its VM with it)."""
+    try:
+        os.write(ready_fd, f"{answer}\n".encode())
+    except BrokenPipeError:
+        log.warning("container %s: runm create is gone: removing the container",
+                    monitor.config.container_id)
+        monitor.store.remove(monitor.config.container_id)
+        return False
+    finally:
+        os.close(ready_fd)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
