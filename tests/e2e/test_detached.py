@@ -141,6 +141,16 @@ def test_exec_attached_detached_and_errors(runm: Runm, tmp_path: Path) -> None:
     limits = json.loads(runm.run("events", "--stats", "c3").stdout)["data"]
     assert limits["pids"]["limit"] == 64
     assert limits["memory"]["usage"]["limit"] == 67108864
+    # runc's spelling; runc's cgroup v2 conversion of 512 shares is weight 20
+    assert runm.run("update", "--cpu-share", "512", "c3").returncode == 0
+    weight = runm.run("exec", "c3", "sh", "-c",
+                      'cat "/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/cpu.weight"')
+    assert weight.stdout == b"20\n", weight.stderr.decode()
+    # as runc: with --resources, the other flags are ignored
+    from_stdin = runm.run("update", "-r", "-", "--pids-limit", "5", "c3",
+                          input=b'{"pids": {"limit": 32}}')
+    assert from_stdin.returncode == 0, from_stdin.stderr.decode()
+    assert json.loads(runm.run("events", "--stats", "c3").stdout)["data"]["pids"]["limit"] == 32
 
     assert runm.run("pause", "c3").returncode == 0
     assert state(runm, "c3")["status"] == "paused"

@@ -279,37 +279,47 @@ def parse_duration(text: str) -> float:
 
 
 UPDATE_FLAGS = {
-    # flag attribute: (LinuxResources section, key)
-    "memory": ("memory", "limit"),
-    "memory_reservation": ("memory", "reservation"),
-    "memory_swap": ("memory", "swap"),
-    "kernel_memory": ("memory", "kernel"),
-    "cpu_shares": ("cpu", "shares"),
-    "cpu_period": ("cpu", "period"),
-    "cpu_quota": ("cpu", "quota"),
-    "cpu_rt_period": ("cpu", "realtimePeriod"),
-    "cpu_rt_runtime": ("cpu", "realtimeRuntime"),
-    "cpuset_cpus": ("cpu", "cpus"),
-    "cpuset_mems": ("cpu", "mems"),
-    "pids_limit": ("pids", "limit"),
-    "blkio_weight": ("blockIO", "weight"),
+    # flag (runc's name): (LinuxResources section, key, help as runc words it)
+    "blkio-weight": ("blockIO", "weight",
+                     "specifies per cgroup weight, range is from 10 to 1000"),
+    "cpu-period": ("cpu", "period", "CPU CFS period to be used for hardcapping (in usecs); "
+                                    "0 to use system default"),
+    "cpu-quota": ("cpu", "quota", "CPU CFS hardcap limit (in usecs); allowed cpu time in a "
+                                  "given period"),
+    "cpu-share": ("cpu", "shares", "CPU shares (relative weight vs. other containers)"),
+    "cpu-rt-period": ("cpu", "realtimePeriod", "CPU realtime period to be used for hardcapping "
+                                               "(in usecs); 0 to use system default"),
+    "cpu-rt-runtime": ("cpu", "realtimeRuntime", "CPU realtime hardcap limit (in usecs); "
+                                                 "allowed cpu time in a given period"),
+    "cpuset-cpus": ("cpu", "cpus", "CPU(s) to use (of the VM's vCPUs)"),
+    "cpuset-mems": ("cpu", "mems", "memory node(s) to use"),
+    "kernel-memory": ("memory", "kernel", "(obsoleted; do not use)"),
+    "memory": ("memory", "limit", "memory limit (in bytes); the VM's size stays as it was "
+                                  "made"),
+    "memory-reservation": ("memory", "reservation",
+                           "memory reservation or soft_limit (in bytes)"),
+    "memory-swap": ("memory", "swap", "total memory usage (memory + swap); set '-1' to enable "
+                                      "unlimited swap"),
+    "pids-limit": ("pids", "limit", "maximum number of pids allowed in the container"),
 }
+UPDATE_ALIASES = {"cpu-share": ["--cpu-shares"]}  # Docker's spelling, accepted too
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    resources: dict[str, Any] = {}
-    if args.resources:
+    if args.resources:  # as runc: the file (or stdin) says everything, flags are ignored
         resources = parse_object(read_text(args.resources), args.resources, "resources")
-    for attr, (section, key) in UPDATE_FLAGS.items():
-        value = getattr(args, attr)
+        _container(args).update(resources)
+        return 0
+    resources: dict[str, Any] = {}
+    for flag, (section, key, _) in UPDATE_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
         if value is None:
             continue
         if key not in ("cpus", "mems"):
             try:
                 value = int(value)
             except ValueError:
-                raise RunmError(f"invalid value for --{attr.replace('_', '-')}: {value}") \
-                    from None
+                raise RunmError(f"invalid value for --{flag}: {value}") from None
         resources.setdefault(section, {})[key] = value
     _container(args).update(resources)
     return 0
@@ -356,9 +366,12 @@ def add_more_verbs(sub: Any) -> None:
                             usage="runm update [--resources FILE|-] [flags] <container-id>")
     update.add_argument("id", nargs="?", default="", metavar="container-id")
     update.add_argument("-r", "--resources", metavar="FILE",
-                        help="OCI LinuxResources JSON (- for stdin)")
-    for attr in UPDATE_FLAGS:
-        update.add_argument("--" + attr.replace("_", "-"), dest=attr, metavar="VALUE")
+                        help="path to the file containing the resources to update (OCI "
+                             "LinuxResources JSON) or '-' to read from the standard input; "
+                             "all other options are then ignored")
+    for flag, (_, _, text) in UPDATE_FLAGS.items():
+        update.add_argument("--" + flag, *UPDATE_ALIASES.get(flag, []), metavar="VALUE",
+                            dest=flag.replace("-", "_"), help=text)
     update.set_defaults(func=cmd_update)
 
     features = sub.add_parser("features", help="show the enabled features (runtime-spec JSON)")
