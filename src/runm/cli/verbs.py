@@ -307,8 +307,8 @@ UPDATE_ALIASES = {"cpu-share": ["--cpu-shares"]}  # Docker's spelling, accepted 
 
 def cmd_update(args: argparse.Namespace) -> int:
     if args.resources:  # as runc: the file (or stdin) says everything, flags are ignored
-        resources = parse_object(read_text(args.resources), args.resources, "resources")
-        _container(args).update(resources)
+        _container(args).update(parse_object(read_text(args.resources), args.resources,
+                                             "resources"))
         return 0
     resources: dict[str, Any] = {}
     for flag, (section, key, _) in UPDATE_FLAGS.items():
