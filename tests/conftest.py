@@ -45,9 +45,14 @@ def vm_processes() -> dict[int, str]:
         except OSError:
             continue
         if any(p in cmdline.split(" ", 1)[0] for p in LEAK_PATTERNS) or \
-                any(f"-m {module} " in cmdline for module in LEAK_MODULES):
+                any(runs_module(cmdline, module) for module in LEAK_MODULES):
             found[int(entry.name)] = cmdline
     return found
+
+
+def runs_module(cmdline: str, module: str) -> bool:
+    """Whether a command line runs a runm module (`python -m M` or `python -m runm.launch M`)."""
+    return f"-m {module} " in cmdline or f"-m runm.launch {module} " in cmdline
 
 
 def runm_mounts() -> list[str]:

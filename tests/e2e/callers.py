@@ -339,7 +339,7 @@ def runtime_binary(e2e_dir: Path, guest_image: object) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("#!/bin/sh\n"
                     f"PYTHONPATH={shlex.quote(str(src))} "
-                    f"exec {shlex.quote(sys.executable)} -m runm.cli.main \"$@\"\n")
+                    f"exec {shlex.quote(sys.executable)} -m runm.cli.entry \"$@\"\n")
     path.chmod(0o755)
     return str(path)
 
@@ -419,7 +419,7 @@ def shim_dir(e2e_dir: Path, guest_image: object) -> Path:
     path = directory / "containerd-shim-runm-v2"
     path.write_text("#!/bin/sh\n"
                     f"PYTHONPATH={shlex.quote(str(src))} "
-                    f"exec {shlex.quote(sys.executable)} -m runm.shim.main \"$@\"\n")
+                    f"exec {shlex.quote(sys.executable)} -m runm.shim.entry \"$@\"\n")
     path.chmod(0o755)
     return directory
 

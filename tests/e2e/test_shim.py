@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.conftest import fetch, free_port, vm_processes, wait_until
+from tests.conftest import fetch, free_port, runs_module, vm_processes, wait_until
 from tests.e2e.images import busybox_layer
 from tests.e2e.ptyrun import run_on_pty
 
@@ -94,7 +94,7 @@ def task_list(containerd: Containerd) -> dict[str, tuple[int, str]]:
 
 
 def shims() -> dict[int, str]:
-    return {p: c for p, c in vm_processes().items() if "-m runm.shim.main" in c}
+    return {p: c for p, c in vm_processes().items() if runs_module(c, "runm.shim.main")}
 
 
 def test_run_from_an_image_and_from_a_rootfs_dir(containerd: Containerd, rootfs: Path,

@@ -1,9 +1,8 @@
 """The `runm` command's entry point (pyproject's console script).
 
-runm's host CLI speaks no TLS: asyncio imports ssl only if it can, and leaving it (with
-libssl and libcrypto) unloaded saves ~17 ms of every invocation, which callers such as
-podman and containerd's shim make many of (`state`, `kill`, `delete`). This is a module of
-its own so that importing runm.cli.main (tests, other programs) changes nothing.
+Without ssl (runm.launch): callers such as podman and containerd's shim run many short verbs
+(`state`, `kill`, `delete`). This is a module of its own so that importing runm.cli.main
+(tests, other programs) changes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ import sys
 
 
 def main() -> int:
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from runm.launch import without_tls
+
+    without_tls()
     from runm.cli.main import main as cli_main
 
     return cli_main()

@@ -13,7 +13,6 @@ Two stages, cached separately by :mod:`runm.guest.image`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from runm.guest.init_script import (
     MODULE_DIR,
     MODULE_ORDER_FILE,
 )
+from runm.sha import sha256_hex
 
 __all__ = [
     "AGENT_MODULES",
@@ -239,7 +239,7 @@ def base_key(arch: str | None = None) -> str:
         "kernel": _KERNEL_PACKAGES.get(arch, ""),
         "modules": list(INITRAMFS_MODULES),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return sha256_hex(json.dumps(spec, sort_keys=True).encode())
 
 
 # --------------------------------------------------------------------------------------------

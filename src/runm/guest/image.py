@@ -16,7 +16,6 @@ complete. Old images and bases are pruned (the newest two of each are kept).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from runm.guest import build
 from runm.guest.errors import GuestImageError
 from runm.guest.init_script import INIT_SCRIPT
 from runm.records import record
+from runm.sha import sha256_hex
 
 __all__ = [
     "GuestImage",
@@ -75,20 +75,16 @@ def _runm_root() -> Path:
 
 
 def _digest_for(runm_root: Path) -> str:
-    h = hashlib.sha256()
+    def put(label: str, data: bytes) -> bytes:
+        return label.encode() + b"\0" + len(data).to_bytes(8, "little") + data
 
-    def put(label: str, data: bytes) -> None:
-        h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
-
-    put("builder-version", build.BUILDER_VERSION.encode())
-    put("base-key", build.base_key().encode())
-    put("init", INIT_SCRIPT.encode())
-    put("erofs", " ".join(build.EROFS_OPTIONS).encode())
-    for label, data in build.file_digest_inputs():
-        put(label, data)
-    for rel, path in build.agent_sources(runm_root):
-        put(f"agent/{rel}", path.read_bytes())
-    return h.hexdigest()
+    return sha256_hex(
+        put("builder-version", build.BUILDER_VERSION.encode()),
+        put("base-key", build.base_key().encode()),
+        put("init", INIT_SCRIPT.encode()),
+        put("erofs", " ".join(build.EROFS_OPTIONS).encode()),
+        (put(label, data) for label, data in build.file_digest_inputs()),
+        (put(f"agent/{rel}", path.read_bytes()) for rel, path in build.agent_sources(runm_root)))
 
 
 def image_digest() -> str:

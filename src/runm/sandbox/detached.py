@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import tty
 from dataclasses import field
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from runm.atomicfile import write_pid_file
 from runm.errors import RunmError
+from runm.launch import module_argv
 from runm.proto import agent as api
 from runm.proto.codec import Message
 from runm.records import record
@@ -40,8 +40,6 @@ M = TypeVar("M", bound=Message)
 MONITOR_EXIT_TIMEOUT = 30.0
 
 
-def _python_module(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
 
 
 def _send_console(console_socket: str, master: int) -> None:
@@ -156,7 +154,7 @@ def _spawn_stand_in(run_dir: Path, exec_id: str, tty_slave: int | None) -> subpr
 
     with signals_held():
         return subprocess.Popen(
-            _python_module("runm.sandbox.standin", "--socket", str(monitor_socket(run_dir)),
+            module_argv("runm.sandbox.standin", "--socket", str(monitor_socket(run_dir)),
                            *(["--exec-id", exec_id] if exec_id else []),
                            *(["--tty-fd", "0"] if tty_slave is not None else [])),
             stdin=tty_slave if tty_slave is not None else subprocess.DEVNULL,
@@ -170,7 +168,7 @@ def _start_monitor(config_path: Path, state_dir: Path,
     try:
         with open(log, "ab") as log_file:
             monitor = subprocess.Popen(
-                _python_module("runm.sandbox.monitor", str(config_path),
+                module_argv("runm.sandbox.monitor", str(config_path),
                                "--ready-fd", str(ready_w),
                                "--stdio-fds", ",".join(map(str, stdio)), "--log", str(log)),
                 pass_fds=(ready_w, *stdio), start_new_session=True,

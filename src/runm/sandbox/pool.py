@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from runm.atomicfile import write_atomically
 from runm.filelock import hold, open_lock
+from runm.launch import module_argv
 from runm.records import record
 from runm.sandbox.config import load_config
 from runm.sandbox.poolwait import (
@@ -214,8 +215,8 @@ def start_keeper(base: Path, memory_mib: int) -> Path:
     # Counted at once, under the refill lock; the keeper fills in its pid once it can handle
     # a drain's SIGTERM (Keeper.run), so a drain never kills it halfway.
     Member(run_dir, "starting", "", 0, memory_mib=memory_mib).write()
-    keeper = subprocess.Popen([sys.executable, "-m", "runm.sandbox.pool", "keep", str(run_dir),
-                               str(memory_mib)],
+    keeper = subprocess.Popen(module_argv("runm.sandbox.pool", "keep", str(run_dir),
+                                          str(memory_mib)),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     # Preparing a member (restore, warm-up: seconds of TCG) runs only on CPUs that nothing

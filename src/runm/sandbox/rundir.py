@@ -7,9 +7,10 @@ Kept apart from the modules that use these paths so that light commands (`runm s
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from runm.sha import sha256_hex
 
 
 def run_base() -> Path:
@@ -19,7 +20,7 @@ def run_base() -> Path:
 
 def vm_run_dir(root: Path, container_id: str) -> Path:
     """Short per-VM socket dir: unix socket paths are limited to 107 bytes, ids can be 64."""
-    digest = hashlib.sha256(f"{root.resolve()}\0{container_id}".encode()).hexdigest()[:16]
+    digest = sha256_hex(f"{root.resolve()}\0{container_id}".encode())[:16]
     return run_base() / digest
 
 

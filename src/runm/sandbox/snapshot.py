@@ -14,7 +14,6 @@ is removed (the next start makes a new one); correctness never depends on it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from runm.errors import RunmError
 from runm.filelock import hold, open_lock
 from runm.guest.image import GuestImage
 from runm.sandbox.agent_client import AgentClient
+from runm.sha import sha256_hex
 from runm.ttrpc import Client
 from runm.vm.base import CTL_PORT, SnapshotFiles, VMConfig, VMError
 from runm.vm.qemu import QemuVM, data_extents, qemu_binary
@@ -63,7 +63,7 @@ def machine_identity(image: GuestImage, vm: QemuVM, accel: str) -> str:
 
 
 def snapshot_key(identity: str) -> str:
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return sha256_hex(identity.encode())[:16]
 
 
 def find_snapshot(image: GuestImage, vm: QemuVM, accel: str) -> SnapshotFiles | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import runm
 from runm.errors import RunmError
+from runm.launch import module_argv
 from runm.proto import task as api
+from runm.sha import sha256_hex
 
 SOCKET_DIR = Path("/run/containerd/s")
 USAGE = """\
@@ -62,7 +63,7 @@ def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     """containerd's shim.SocketAddress: the same name for the same pod, so `ctr shim` and a
     restarted containerd find the shim."""
     key = os.path.normpath(os.path.join(containerd_address, namespace, group))
-    return f"unix://{SOCKET_DIR}/{hashlib.sha256(key.encode()).hexdigest()}"
+    return f"unix://{SOCKET_DIR}/{sha256_hex(key.encode())}"
 
 
 def _group_of(bundle: Path, task_id: str) -> str:
@@ -109,9 +110,9 @@ def action_start(args: argparse.Namespace) -> int:
     sock = _listen_or_existing(path)
     if sock is not None:
         try:
-            argv = [sys.executable, "-m", "runm.shim.main", "-namespace", args.namespace,
-                    "-address", args.address, "-id", group, "-socket-fd",
-                    str(sock.fileno()), *(["-debug"] if args.debug else []), "serve"]
+            argv = module_argv("runm.shim.main", "-namespace", args.namespace,
+                               "-address", args.address, "-id", group, "-socket-fd",
+                               str(sock.fileno()), *(["-debug"] if args.debug else []), "serve")
             subprocess.Popen(argv, cwd=bundle, pass_fds=(sock.fileno(),),
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)

@@ -8,7 +8,6 @@ The verdict is cached per host kernel, QEMU binary and guest kernel.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from runm.atomicfile import write_atomically
+from runm.sha import sha256_hex
 
 log = logging.getLogger("runm.vm")
 
@@ -33,7 +33,7 @@ def _cache_key(kernel: Path, qemu: str) -> str:
     st = os.stat(qemu)
     kst = kernel.stat()
     raw = f"{os.uname().release}|{qemu}|{st.st_mtime_ns}|{kernel}|{kst.st_size}|{kst.st_mtime_ns}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return sha256_hex(raw.encode())[:16]
 
 
 def kvm_usable() -> bool:
