@@ -34,7 +34,10 @@ from runm.vm.qemu import HOTPLUG_ROOT_PORTS, QemuVM
 log = logging.getLogger("runm.sandbox")
 
 RESTORE_TIMEOUT = 10.0  # a restored agent answers in ~0.1 s; past this, boot cold instead
-RESTORE_ASK_AGAIN = 1.0  # it answers in 0.2-0.9 s (busy host); past this, ask it again
+# A restored agent answers in 0.2-0.3 s here (more on a busy host). QEMU 7.2 sometimes loses
+# the first request's notification after a restore (the guest then never sees it); a second
+# request gets through. Asking again early is cheap: a duplicate probe is harmless.
+RESTORE_ASK_AGAIN = 0.4
 
 
 def boot_timeout() -> float:

@@ -196,10 +196,10 @@ async def _make_snapshot(image: GuestImage, like: VMConfig, accel: str, folder: 
             agent = AgentClient(client)
             await wait_agent(vm, agent, boot_timeout())
             await agent.quiesce(for_snapshot=True, timeout=60)
-        try:
-            await vm.save_snapshot(folder / "state")
-        except VMError as err:
-            raise RunmError(f"saving the template VM: {err}") from None
+            try:
+                await vm.save_snapshot(folder / "state")
+            except VMError as err:
+                raise RunmError(f"saving the template VM: {err}") from None
         await vm.stop()
         with open(folder / "ram", "rb+") as ram:
             punch_zero_pages(ram.fileno())
