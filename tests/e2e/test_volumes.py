@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from runm.sandbox.spec import make_busybox_bundle
-from tests.conftest import Runm
+from tests.conftest import Runm, vm_processes, wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
 
@@ -127,3 +128,35 @@ def test_tmpfs_mounts_work_and_leave_nothing_on_the_host(runm: Runm, tmp_path: P
     assert lines[0] == "x"
     assert lines[1].startswith("tmpfs rw,nosuid"), lines
     assert not (bundle / "rootfs" / "scratch" / "f").exists()
+
+
+def guest_ram_mib(qemu_pid: int) -> int:
+    """MiB of host memory holding a VM's guest RAM (its memfd's allocated blocks)."""
+    for fd in Path(f"/proc/{qemu_pid}/fd").iterdir():
+        try:
+            if "runm-guest-ram" in os.readlink(fd):
+                return fd.stat().st_blocks * 512 >> 20
+        except OSError:
+            continue
+    raise AssertionError(f"qemu {qemu_pid} has no guest RAM memfd")
+
+
+def test_memory_a_container_frees_goes_back_to_the_host(runm: Runm, tmp_path: Path) -> None:
+    """The guest reports free pages (virtio-balloon free page reporting): after a 256 MiB
+    spike the host no longer holds that memory for the idle container."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = ("dd if=/dev/zero of=/dev/null bs=256M count=1 2>/dev/null; "
+              "touch /marks/freed; sleep 600")
+    bundle = bundle_with(tmp_path, ["sh", "-c", script],
+                         [{"destination": "/marks", "type": "bind", "source": str(marks),
+                           "options": ["rbind", "rw"]}])
+    ran = runm.run_detached("run", "-d", "-b", str(bundle), "spike")
+    assert ran.returncode == 0, ran.stderr.decode()
+    try:
+        qemu = next(pid for pid, cmd in vm_processes().items()
+                    if "qemu-system" in cmd and "-name spike " in cmd)
+        assert wait_until(lambda: (marks / "freed").exists(), timeout=60)
+        assert wait_until(lambda: guest_ram_mib(qemu) < 200, timeout=60), guest_ram_mib(qemu)
+    finally:
+        assert runm.run("delete", "-f", "spike").returncode == 0

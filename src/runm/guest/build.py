@@ -85,6 +85,7 @@ INITRAMFS_MODULES = (
     "erofs",
     "squashfs",
     "virtio_rng",
+    "virtio_balloon",
 )
 # runm modules and packages copied into the guest; only *.py files.
 AGENT_MODULES = ("__init__.py", "records.py")

@@ -183,6 +183,7 @@ class QemuVM(VirtualMachine):
             "-drive", f"file={c.rootfs},format=raw,if=none,id=root0,readonly=on",
             "-device", "virtio-blk-pci,drive=root0,id=rootdisk",
             "-device", "virtio-rng-pci",
+            "-device", "virtio-balloon-pci,free-page-reporting=on",
             # User-mode networking (slirp, in QEMU's process): NAT to the host, DNS through
             # the host's resolver, ports published with hostfwd_add at run time.
             "-netdev", f"user,id=net0,net={network.GUEST_NETWORK},host={network.GATEWAY},"
