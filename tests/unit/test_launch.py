@@ -25,7 +25,10 @@ sys.exit(3)
 
 def test_a_launched_module_gets_its_argv_and_exit_status_but_no_openssl(tmp_path: Path) -> None:
     (tmp_path / "probe_mod.py").write_text(PROBE)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(tmp_path)]))
+    # without pytest-cov's subprocess hook, which imports hashlib itself: runm's processes as
+    # they run outside the test suite
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COV_CORE_", "COVERAGE_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(tmp_path)])
     done = subprocess.run([sys.executable, "-m", "runm.launch", "probe_mod", "a", "-b"],
                           capture_output=True, env=env, timeout=60, check=False)
     assert done.returncode == 3, done.stderr.decode()
