@@ -677,7 +677,7 @@ def shim_start(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         return fig
     directory = Path(tempfile.mkdtemp(prefix="ctrd-", dir=h.work))
     (directory / "bin").mkdir()
-    _script(directory / "bin" / "containerd-shim-runm-v2", "runm.shim.main")
+    _script(directory / "bin" / "containerd-shim-runm-v2", "runm.shim.entry")
     runm_binary = _script(directory / "bin" / "runm", "runm.cli.entry")
     (directory / "config.toml").write_text(CONTAINERD_CONFIG.format(dir=directory))
     env = dict(h.env, PATH=f"{directory / 'bin'}:{os.environ.get('PATH', '')}")
