@@ -40,8 +40,6 @@ M = TypeVar("M", bound=Message)
 MONITOR_EXIT_TIMEOUT = 30.0
 
 
-
-
 def _send_console(console_socket: str, master: int) -> None:
     """runc's console-socket protocol: one message, the pty master as SCM_RIGHTS."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -155,8 +153,8 @@ def _spawn_stand_in(run_dir: Path, exec_id: str, tty_slave: int | None) -> subpr
     with signals_held():
         return subprocess.Popen(
             module_argv("runm.sandbox.standin", "--socket", str(monitor_socket(run_dir)),
-                           *(["--exec-id", exec_id] if exec_id else []),
-                           *(["--tty-fd", "0"] if tty_slave is not None else [])),
+                        *(["--exec-id", exec_id] if exec_id else []),
+                        *(["--tty-fd", "0"] if tty_slave is not None else [])),
             stdin=tty_slave if tty_slave is not None else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
@@ -169,8 +167,8 @@ def _start_monitor(config_path: Path, state_dir: Path,
         with open(log, "ab") as log_file:
             monitor = subprocess.Popen(
                 module_argv("runm.sandbox.monitor", str(config_path),
-                               "--ready-fd", str(ready_w),
-                               "--stdio-fds", ",".join(map(str, stdio)), "--log", str(log)),
+                            "--ready-fd", str(ready_w),
+                            "--stdio-fds", ",".join(map(str, stdio)), "--log", str(log)),
                 pass_fds=(ready_w, *stdio), start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
     finally:
