@@ -248,26 +248,32 @@ class Sandbox:
         the stdio port unconnected."""
         self.vm.config.restore = restore
         what = "taking pooled" if adopt else "restoring" if restore else "starting"
+        streams: list[AsyncioByteStream] = []
+
+        async def connect_ports() -> None:
+            streams.append(await AsyncioByteStream.connect_unix(
+                str(self.vm.port_path(CTL_PORT))))
+            if stdio:
+                streams.append(await AsyncioByteStream.connect_unix(
+                    str(self.vm.port_path(IO_PORT))))
+
         try:
             if adopt:
                 await self.vm.attach(adopt)
             else:
-                await self.vm.start()
+                await self.vm.start(connect_ports)
         except (VMError, OSError) as err:
+            for stream in streams:
+                await stream.aclose()
             raise RunmError(f"{what} VM: {err}") from None
         timings.mark("qemu_attach" if adopt else "qemu_restore" if restore else "qemu_start")
         if adopt_fds:
-            ctl = await AsyncioByteStream.from_fd(adopt_fds[0])
-            io = await AsyncioByteStream.from_fd(adopt_fds[1])
-        else:
-            ctl = await AsyncioByteStream.connect_unix(str(self.vm.port_path(CTL_PORT)))
-            if stdio:
-                io = await AsyncioByteStream.connect_unix(str(self.vm.port_path(IO_PORT)))
-        self._ctl = ctl
-        self._client = Client(ctl)
+            streams = [await AsyncioByteStream.from_fd(fd) for fd in adopt_fds[:2]]
+        self._ctl = streams[0]
+        self._client = Client(streams[0])
         self.agent = AgentClient(self._client)
         if stdio:
-            self.mux = Mux(io)
+            self.mux = Mux(streams[1])
             await self.mux.start()
         if restore:
             self.kernel_release = await wait_agent(self.vm, self.agent, RESTORE_TIMEOUT,

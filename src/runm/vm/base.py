@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable, Callable
 from dataclasses import field
 from pathlib import Path
 
@@ -74,7 +75,9 @@ class VirtualMachine(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    async def start(self) -> None: ...
+    async def start(self, connect: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start the hypervisor; `connect` runs once its ports accept connections and
+        before a restored guest resumes."""
 
     @abc.abstractmethod
     def port_path(self, name: str) -> Path:

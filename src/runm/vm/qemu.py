@@ -206,7 +206,7 @@ class QemuVM(VirtualMachine):
     def _virtiofsd_socket(self, index: int) -> Path:
         return self.run_dir / f"fs{index}.sock"
 
-    async def start(self) -> None:
+    async def start(self, connect: Callable[[], Awaitable[None]] | None = None) -> None:
         c = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in (self.console_path, self.stderr_path):
@@ -251,7 +251,8 @@ class QemuVM(VirtualMachine):
         self._exit = _watch_exit(self._qemu)
         log.debug("qemu pid=%d accel=%s", self._qemu.pid, self.accel)
         restore = c.restore
-        await self._bring_up(None if restore is None else lambda: self._restore(restore))
+        await self._bring_up(None if restore is None else lambda: self._restore(restore),
+                             connect)
 
     async def attach(self, qemu_pid: int) -> None:
         """Take over a restored QEMU another process started in our run dir (a pool member):
@@ -263,11 +264,19 @@ class QemuVM(VirtualMachine):
         self.accel = self.config.accel or ""
         await self._bring_up(lambda: self.qmp("cont"))
 
-    async def _bring_up(self, resume: Callable[[], Awaitable[object]] | None) -> None:
-        """Once QEMU runs: `resume` a VM that did not boot here (restore it, or let an adopted
-        one run), then hot-plug the shares it did not boot with, then publish the ports. Any
-        failure kills the VM."""
+    async def _bring_up(self, resume: Callable[[], Awaitable[object]] | None,
+                        connect: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Once QEMU runs: `connect` the host's ports, `resume` a VM that did not boot here
+        (restore it, or let an adopted one run), then hot-plug the shares it did not boot
+        with, then publish the ports. Any failure kills the VM.
+
+        A restored guest's ports are connected before its device state loads: the snapshot
+        was saved with its host connected, so the guest sees no close and reopen of its
+        ports (in some snapshots QEMU 7.2 then lost the host's first request on every
+        restore)."""
         try:
+            if connect is not None:
+                await connect()
             if resume is not None:
                 await resume()
                 for share in self.config.shares:
