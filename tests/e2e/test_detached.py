@@ -277,6 +277,45 @@ def test_a_create_killed_while_the_vm_starts_leaves_nothing(runm: Runm, tmp_path
     assert runm.run("state", "gone").returncode == 1
 
 
+def _unread_pipe_bytes(pid: int) -> int:
+    """Bytes waiting in the pipes process pid reads from (its monitor's answer)."""
+    import fcntl
+    import termios
+
+    waiting = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        if os.readlink(fd).startswith("pipe:"):
+            with open(fd, "rb", buffering=0) as pipe:
+                count = bytearray(4)
+                fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
+                waiting += int.from_bytes(count, "little")
+    return waiting
+
+
+def test_a_create_killed_once_its_container_exists_is_found_by_delete(
+        runm: Runm, tmp_path: Path) -> None:
+    """`runm create` dies after its monitor said the container exists, before it recorded
+    the container's pid: `state` still finds the container and `delete -f` removes it with
+    its VM (the fixture checks that no process is left)."""
+    bundle = make_busybox_bundle(tmp_path / "bundle", ["sleep", "600"])
+    proc = runm.popen("create", "-b", str(bundle), "late", stdin=subprocess.DEVNULL,
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: any("runm.sandbox.monitor" in cmd and str(runm.root) in cmd
+                                      for cmd in vm_processes().values()),
+                          timeout=60, interval=0.005)
+        os.kill(proc.pid, signal.SIGSTOP)  # it must not read the answer
+        assert wait_until(lambda: _unread_pipe_bytes(proc.pid) > 0, timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert state(runm, "late")["status"] == "created"
+    assert runm.run("delete", "-f", "late").returncode == 0
+    assert not (runm.root / "late").exists()
+    assert wait_until(lambda: not any(str(tmp_path) in cmd
+                                      for cmd in vm_processes().values()), timeout=30)
+
+
 def test_monitor_death_means_stopped_and_clean_delete(runm: Runm, tmp_path: Path) -> None:
     bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
     pid_file = tmp_path / "pid"

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 import tty
+from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -121,8 +122,14 @@ def create(opts: CreateOptions) -> ContainerRecord:
             stdio = [os.dup(tty_slave), os.dup(tty_slave)]
         else:
             stdio = [os.dup(0), os.dup(1), os.dup(2)]
-        monitor = _start_monitor(config_path, state_dir, stdio)
-        record.vm = {"run_dir": str(run_dir), "monitor_pid": monitor.pid}
+        def record_monitor(pid: int) -> None:
+            # Before the VM boots: should this process die from here on, `runm delete -f`
+            # finds the monitor (and, through it, the VM) instead of a stopped container.
+            record.vm = {"run_dir": str(run_dir), "monitor_pid": pid}
+            with store.lock(cid):
+                store.save(record)
+
+        monitor = _start_monitor(config_path, state_dir, stdio, record_monitor)
         standin = _spawn_stand_in(run_dir, "", tty_slave if terminal else None)
     except BaseException:
         if monitor is not None and monitor.poll() is None:
@@ -159,8 +166,10 @@ def _spawn_stand_in(run_dir: Path, exec_id: str, tty_slave: int | None) -> subpr
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
-def _start_monitor(config_path: Path, state_dir: Path,
-                   stdio: list[int]) -> subprocess.Popen[bytes]:
+def _start_monitor(config_path: Path, state_dir: Path, stdio: list[int],
+                   spawned: Callable[[int], None]) -> subprocess.Popen[bytes]:
+    """Start the container's monitor and wait until its container is created; `spawned`
+    gets its pid first."""
     ready_r, ready_w = os.pipe()
     log = state_dir / "monitor.log"
     try:
@@ -174,6 +183,7 @@ def _start_monitor(config_path: Path, state_dir: Path,
     finally:
         os.close(ready_w)
     with os.fdopen(ready_r, "rb") as ready:
+        spawned(monitor.pid)
         answer = ready.read().decode(errors="replace").strip()
     if answer == "ok":
         return monitor
