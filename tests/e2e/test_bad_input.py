@@ -119,3 +119,22 @@ def test_vm_that_fails_to_boot_shows_the_console(runm: Runm, good_bundle: Path, 
     assert "booting VM" in text
     assert "runm-init" in text, "the guest console's last lines explain why"
     assert_clean(runm, "c1")
+
+
+@pytest.mark.parametrize("verb", ["run", "create", "exec"])
+def test_preserved_fds_are_refused_not_dropped(runm: Runm, good_bundle: Path,
+                                               verb: str) -> None:
+    """Open files cannot follow a process into its VM: say so, rather than start it
+    without the fds it was promised (socket activation would fail later, obscurely)."""
+    args = ["--bundle", str(good_bundle), "c1"] if verb != "exec" else ["c1", "true"]
+    result = runm.run(verb, "--preserve-fds", "1", *args)
+    assert result.returncode == 1
+    assert "--preserve-fds 1: passing open files into the container's VM is not supported" \
+        in error_text(result)
+    assert_clean(runm, "c1")
+
+
+def test_zero_preserved_fds_is_what_callers_pass_by_default(runm: Runm,
+                                                            good_bundle: Path) -> None:
+    assert runm.run("run", "--preserve-fds", "0", "--bundle", str(good_bundle),
+                    "c1").returncode == 0

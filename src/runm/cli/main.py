@@ -82,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runm.sandbox.run import RunOptions, run_container
     from runm.sandbox.state import StateStore
 
+    verbs.refuse_preserved_fds(args)
     validate_id(args.id)
     bundle = load_bundle(args.bundle)
     publish = resolve_publish(args.publish, bundle.annotations)
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-pivot", action="store_true",
                      help="do not use pivot_root in the guest (passed to the guest's runc)")
     run.add_argument("--no-new-keyring", action="store_true", help="accepted; no effect")
-    run.add_argument("--preserve-fds", type=int, default=0, help="accepted; not supported")
+    verbs.add_preserve_fds_flag(run)
     run.set_defaults(func=cmd_run)
 
     state = sub.add_parser("state", help="output the state of a container",

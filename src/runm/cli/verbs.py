@@ -47,6 +47,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from runm.sandbox.bundle import load_bundle
     from runm.sandbox.detached import CreateOptions, create
 
+    refuse_preserved_fds(args)
     bundle = load_bundle(args.bundle)
     publish = resolve_publish(args.publish, bundle.annotations)
     image = ensure_guest_image()
@@ -146,6 +147,7 @@ def exec_process(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    refuse_preserved_fds(args)
     container = _container(args)
     process = exec_process(args, container.record.bundle)
     if args.tty:
@@ -170,6 +172,18 @@ def add_publish_flag(parser: argparse.ArgumentParser) -> None:
              "pass flags")
 
 
+def add_preserve_fds_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                        help="must be 0: open files cannot be passed into the container's VM")
+
+
+def refuse_preserved_fds(args: argparse.Namespace) -> None:
+    """A process started without the fds it was promised would fail obscurely later."""
+    if args.preserve_fds:
+        raise RunmError(f"--preserve-fds {args.preserve_fds}: passing open files into the "
+                        "container's VM is not supported")
+
+
 def add_verbs(sub: Any) -> None:
     """Register the detached-container verbs on the `runm` argument parser."""
     def id_arg(p: argparse.ArgumentParser) -> None:
@@ -190,7 +204,7 @@ def add_verbs(sub: Any) -> None:
     create.add_argument("--no-pivot", action="store_true", help="no pivot_root in the guest")
     add_publish_flag(create)
     create.add_argument("--no-new-keyring", action="store_true", help="accepted; no effect")
-    create.add_argument("--preserve-fds", type=int, default=0, help="accepted; not supported")
+    add_preserve_fds_flag(create)
     create.set_defaults(func=cmd_create)
 
     for name, func, text in (("start", cmd_start, "start the process of a created container"),
@@ -231,7 +245,7 @@ def add_verbs(sub: Any) -> None:
     ex.add_argument("--no-new-privs", action="store_true")
     ex.add_argument("--process-label", help="accepted; no effect")
     ex.add_argument("--apparmor", help="accepted; no effect")
-    ex.add_argument("--preserve-fds", type=int, default=0, help="accepted; not supported")
+    add_preserve_fds_flag(ex)
     ex.add_argument("--cgroup", help="accepted; no effect")
     ex.add_argument("--ignore-paused", action="store_true", help="accepted; no effect")
     ex.set_defaults(func=cmd_exec)
