@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 
-APT_PACKAGES=(qemu-system-x86 runc busybox-static erofs-utils squashfs-tools mmdebstrap lz4
+APT_PACKAGES=(qemu-system-x86 runc busybox-static erofs-utils squashfs-tools mmdebstrap lz4 iproute2
               ca-certificates python3 python3-venv)
 # --dev: the real callers the end-to-end tests drive (tests/e2e/callers.py). The fixtures start
 # private daemons of their own and never use (or conflict with) system-wide ones.

@@ -222,3 +222,67 @@ def test_a_new_empty_network_namespace_has_loopback_only(runm: Runm, tmp_path: P
     result = runm.run("run", "-b", str(b), "none")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.split() == [b"lo"]
+
+
+@pytest.fixture
+def caller_netns(tmp_path: Path) -> Iterator[str]:
+    """A network namespace as podman's CNI bridge leaves one for its container: a veth whose
+    end inside has 10.77.0.2/24 and a default route through the host's end, 10.77.0.1."""
+    import subprocess
+
+    name = f"runm-test-{tmp_path.name}"[-40:]
+    host_end = f"rt{abs(hash(name)) % 10**8}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for argv in (["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0",
+                      "netns", name],
+                     ["ip", "addr", "add", "10.77.0.1/24", "dev", host_end],
+                     ["ip", "link", "set", host_end, "up"],
+                     ["ip", "-n", name, "addr", "add", "10.77.0.2/24", "dev", "eth0"],
+                     ["ip", "-n", name, "link", "set", "eth0", "up"],
+                     ["ip", "-n", name, "link", "set", "lo", "up"],
+                     ["ip", "-n", name, "route", "add", "default", "via", "10.77.0.1"]):
+            subprocess.run(argv, check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@pytest.mark.parametrize("snapshot", ["1", "0"], ids=["restored", "cold"])
+def test_the_callers_network_namespace_is_the_containers_network(
+        runm: Runm, tmp_path: Path, caller_netns: str, snapshot: str) -> None:
+    """podman, CNI and Kubernetes give the container a namespace with an address on their
+    bridge: under runm, as under runc, the container has that address and routes, what is
+    sent to it reaches the container, and the container reaches the bridge's other side."""
+    import subprocess
+
+    runm = Runm(root=runm.root, env={**runm.env, "RUNM_SNAPSHOT": snapshot})
+    b = httpd_bundle(tmp_path)
+    config = json.loads((b / "config.json").read_text())
+    for ns in config["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = caller_netns
+    (b / "config.json").write_text(json.dumps(config))
+    server = http.server.ThreadingHTTPServer(("10.77.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert runm.run_detached("run", "-d", "-b", str(b), "web").returncode == 0
+        assert wait_until(lambda: fetch("http://10.77.0.2:80/") == b"hello from httpd\n",
+                          timeout=30)
+        seen = runm.run("exec", "web", "sh", "-c", "ip addr show eth0; ip route; wget -q -O "
+                        f"/dev/null http://10.77.0.1:{server.server_address[1]}/ && echo out-ok")
+        assert seen.returncode == 0, seen.stderr.decode()
+        text = seen.stdout.decode()
+        assert "inet 10.77.0.2/24" in text and "default via 10.77.0.1 dev eth0" in text, text
+        assert text.endswith("out-ok\n"), text
+    finally:
+        server.shutdown()
+        server.server_close()
+        runm.run("delete", "-f", "web")
+    inside = subprocess.run(["ip", "-n", caller_netns.rsplit("/", 1)[1], "-j", "link"],
+                            capture_output=True, check=True).stdout.decode()
+    assert "runm0" not in inside, "the tap goes with the VM"
+    qdiscs = subprocess.run(["tc", "-n", caller_netns.rsplit("/", 1)[1], "qdisc", "show",
+                             "dev", "eth0"], capture_output=True, check=True).stdout.decode()
+    assert "ingress" not in qdiscs, "the caller's interface is given back"

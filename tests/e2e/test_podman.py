@@ -92,3 +92,24 @@ def test_run_it_and_exec_it_on_a_terminal(podman: Podman) -> None:
     assert status == 0, screen
     assert b"/dev/pts/" in screen and b"20 70" in screen
     podman.run("rm", "-f", "shell", timeout=120)
+
+
+def test_podmans_network_and_published_port_reach_the_container(podman: Podman) -> None:
+    """podman's default bridge network and its own `-p`, as with runc: the container has
+    its address on podman's bridge, and the host port podman publishes reaches it."""
+    from tests.conftest import fetch, free_port, wait_until
+
+    port = free_port()
+    podman.run("run", "-d", "--name", "web", "-p", f"{port}:80", podman.image, "sh", "-c",
+               "mkdir -p /www && echo hello through podman > /www/index.html && "
+               "exec httpd -f -p 80 -h /www", timeout=120)
+    try:
+        assert wait_until(lambda: fetch(f"http://127.0.0.1:{port}/")
+                          == b"hello through podman\n", timeout=30)
+        address = podman.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}",
+                             "web").stdout.strip()
+        assert address.startswith("10.88."), address
+        seen = podman.run("exec", "web", "ip", "addr", "show", "eth0").stdout
+        assert f"inet {address}/16" in seen, seen
+    finally:
+        podman.run("rm", "-f", "-t", "0", "web", timeout=120)

@@ -18,8 +18,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol
 
+from runm.agent import callernic, sysapi
 from runm.agent import stdio as stdio_copy
-from runm.agent import sysapi
 from runm.agent.reaper import Reaper
 from runm.agent.runc import Runc, RuncError, read_pid_file, remove_tree
 from runm.agent.specadapt import write_guest_bundle
@@ -123,6 +123,7 @@ class AgentService:
         handlers = {
             "Setup": (api.SetupRequest, self.setup),
             "Mount": (api.MountRequest, self.mount),
+            "SetupNetwork": (api.NetworkRequest, self.setup_network),
             "CreateContainer": (api.CreateContainerRequest, self.create_container),
             "StartContainer": (api.ContainerRequest, self.start_container),
             "ExecProcess": (api.ExecProcessRequest, self.exec_process),
@@ -173,6 +174,20 @@ class AgentService:
                     await asyncio.sleep(MOUNT_RETRY_INTERVAL)
         except OSError as err:
             raise TtrpcError(Code.INTERNAL, str(err)) from err
+        return api.Empty()
+
+    async def setup_network(self, req: api.NetworkRequest, ctx: CallContext) -> api.Empty:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait_ms / 1000
+        while (nic := callernic.find_nic(req.mac)) is None:
+            if loop.time() >= deadline:  # hot-plugged: probed asynchronously, as in mount
+                raise TtrpcError(Code.NOT_FOUND, f"no network interface with MAC {req.mac}")
+            await asyncio.sleep(MOUNT_RETRY_INTERVAL)
+        commands = callernic.ip_commands(nic, req.mtu, list(req.addresses), list(req.routes))
+        try:
+            await loop.run_in_executor(None, callernic.configure, commands)
+        except (RuntimeError, OSError) as err:
+            raise TtrpcError(Code.INTERNAL, f"configuring the network: {err}") from None
         return api.Empty()
 
     async def quiesce(self, req: api.QuiesceRequest, ctx: CallContext) -> api.Empty:

@@ -51,6 +51,20 @@ class MountRequest(Message):
 
 
 @record
+class NetworkRequest(Message):
+    """Give the VM the network of the caller's namespace (podman's, CNI's): the NIC with
+    this MAC (hot-plugged: wait up to wait_ms for it) becomes eth0 with these addresses
+    ("10.88.0.2/16") and routes (`ip route add` arguments without the device; "-6 ..." for
+    IPv6), and QEMU's user-mode NIC goes down."""
+
+    mac: str = pfield(1, "string")
+    mtu: int = pfield(2, "uint32")
+    addresses: list[str] = pfield(3, "string", repeated=True)
+    routes: list[str] = pfield(4, "string", repeated=True)
+    wait_ms: int = pfield(5, "uint32")
+
+
+@record
 class WarmUpRequest(Message):
     """Mount the hot-plugged virtiofs share `tag` at `bundle` (waiting up to wait_ms for it
     to appear), run the container bundle there to its exit, then unmount it."""

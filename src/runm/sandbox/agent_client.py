@@ -32,6 +32,9 @@ class AgentClient:
         await self._call("Mount", api.MountRequest(source, target, fstype, options, wait_ms),
                          api.Empty)
 
+    async def setup_network(self, request: api.NetworkRequest) -> None:
+        await self._call("SetupNetwork", request, api.Empty)
+
     async def create_container(self, container_id: str, bundle: str, stdio: api.Stdio,
                                *, no_pivot: bool = False, vm_network: bool = False,
                                pid_alias: tuple[int, int] = (0, 0), start: bool = False) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from runm.channel.mux import MuxStream
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
+from runm.net import callernet
 from runm.net.ports import resolve_publish
 from runm.proto import agent as api
 from runm.records import record
@@ -151,7 +152,8 @@ class Pod:
                     publish = resolve_publish([], bundle.annotations)
                 self.sandbox = Sandbox.create(self.name, self.image, self.run_dir, shares,
                                               memory_mib=size.memory_mib, cpus=size.cpus,
-                                              publish=publish)
+                                              publish=publish,
+                                              caller_net=callernet.from_spec(bundle.spec))
                 try:
                     await self.sandbox.boot()
                 except BaseException:

@@ -15,6 +15,7 @@ from runm.atomicfile import write_pid_file
 from runm.channel.mux import Mux
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
+from runm.net import callernet
 from runm.proto import agent as api
 from runm.records import record
 from runm.sandbox import hoststdio
@@ -81,7 +82,7 @@ async def run_container(opts: RunOptions) -> int:
     vm_size = bundle_vm_size(bundle)
     sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle),
                              memory_mib=vm_size.memory_mib, cpus=vm_size.cpus,
-                             publish=opts.publish)
+                             publish=opts.publish, caller_net=callernet.from_spec(bundle.spec))
     loop = asyncio.get_running_loop()
     interrupted: list[int] = []
     started = asyncio.Event()

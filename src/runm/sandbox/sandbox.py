@@ -14,6 +14,9 @@ from runm.channel.mux import Mux
 from runm.channel.stream import AsyncioByteStream
 from runm.errors import RunmError
 from runm.guest.image import GuestImage
+from runm.net import callernet
+from runm.net.callernet import CallerNetwork
+from runm.proto import agent as api
 from runm.sandbox.agent_client import AgentClient
 from runm.sandbox.config import default_cpus, load_config
 from runm.sandbox.rundir import run_base, vm_run_dir
@@ -26,6 +29,7 @@ from runm.vm.base import (
     PortForward,
     Share,
     SnapshotFiles,
+    TapNic,
     VMConfig,
     VMError,
 )
@@ -127,10 +131,13 @@ async def prepare_snapshot(image: GuestImage,
 
 
 class Sandbox:
-    def __init__(self, vm: QemuVM, shares: list[Share], image: GuestImage | None = None) -> None:
+    def __init__(self, vm: QemuVM, shares: list[Share], image: GuestImage | None = None,
+                 caller_net: CallerNetwork | None = None) -> None:
         self.vm = vm
         self.shares = shares
         self.image = image
+        self.caller_net = caller_net  # the network namespace the caller made, brought in
+        self._tap_fd = -1  # the tap in the caller's namespace, while this sandbox has it
         self.agent: AgentClient | None = None
         self.mux: Mux | None = None
         self._client: Client | None = None
@@ -144,7 +151,8 @@ class Sandbox:
     @classmethod
     def create(cls, name: str, image: GuestImage, run_dir: Path, shares: list[Share],
                memory_mib: int = 0, cpus: int = 0,
-               publish: list[PortForward] | None = None) -> Sandbox:
+               publish: list[PortForward] | None = None,
+               caller_net: CallerNetwork | None = None) -> Sandbox:
         """A sandbox for a VM of the given size (0: the config file's default size)."""
         if not memory_mib or not cpus:
             defaults = load_config().vm
@@ -153,7 +161,7 @@ class Sandbox:
         config = VMConfig(name=name, kernel=image.kernel, initrd=image.initrd,
                           rootfs=image.rootfs, run_dir=run_dir, memory_mib=memory_mib,
                           cpus=cpus, shares=shares, publish=list(publish or []))
-        return cls(QemuVM(config), shares, image)
+        return cls(QemuVM(config), shares, image, caller_net)
 
     async def boot(self, timings: Timings | None = None) -> None:
         """Start the VM and return once the agent answers and the shares are mounted.
@@ -162,6 +170,14 @@ class Sandbox:
         when there is none to be had or restoring fails, with a log line saying why.
         """
         timings = timings or Timings()
+        if self.caller_net is not None and self._tap_fd < 0:
+            try:
+                self._tap_fd = callernet.attach(self.caller_net)
+            except RunmError as err:  # a host without tun or tc: still run it, as before
+                log.warning("%s: the container gets the VM's own network instead", err)
+                self.caller_net = None
+            else:
+                self.vm.config.tap = TapNic(self._tap_fd, self.caller_net.mac)
         snapshot = await self.snapshot(timings)
         if snapshot is not None and await self._from_pool(timings, snapshot):
             return
@@ -218,9 +234,10 @@ class Sandbox:
         """The snapshot this VM can start from (made now if missing), or None: boot cold."""
         if self.image is None or not snapshots_enabled():
             return None
-        if len(self.shares) > HOTPLUG_ROOT_PORTS:
-            log.info("booting cold: %d shares, a restored VM takes at most %d",
-                     len(self.shares), HOTPLUG_ROOT_PORTS)
+        devices = len(self.shares) + (self.caller_net is not None)
+        if devices > HOTPLUG_ROOT_PORTS:
+            log.info("booting cold: %d shares and NICs, a restored VM takes at most %d",
+                     devices, HOTPLUG_ROOT_PORTS)
             return None
         loop = asyncio.get_running_loop()
         accel = await loop.run_in_executor(None, choose_accelerator, self.image.kernel)
@@ -291,6 +308,14 @@ class Sandbox:
             except TtrpcError as err:
                 raise RunmError(f"mounting {share.host_path} in the guest: {err}") from None
         timings.mark("mount_shares")
+        net = self.caller_net
+        if net is not None:
+            try:
+                await self.agent.setup_network(api.NetworkRequest(
+                    net.mac, net.mtu, net.addresses, net.routes, int(RESTORE_TIMEOUT * 1000)))
+            except TtrpcError as err:
+                raise RunmError(f"giving the VM the network of {net.netns}: {err}") from None
+            timings.mark("caller_network")
 
     async def _reset(self) -> None:
         """Forget a failed start: kill its VM and helpers, close its channels."""
@@ -316,6 +341,14 @@ class Sandbox:
             self.vm.kill()
             await self._close_channels()
             self.vm.remove_run_dir()
+            self._release_caller_network()
+
+    def _release_caller_network(self) -> None:
+        """Close the tap (it goes with QEMU's copy) and give the caller's interface back."""
+        if self._tap_fd >= 0 and self.caller_net is not None:
+            os.close(self._tap_fd)
+            self._tap_fd = -1
+            callernet.detach(self.caller_net)
 
     @property
     def vm_network(self) -> bool:

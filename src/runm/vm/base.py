@@ -41,6 +41,15 @@ class PortForward:
 
 
 @record(frozen=True)
+class TapNic:
+    """A second NIC on a tap device made elsewhere (in the caller's network namespace):
+    QEMU gets the tap's fd."""
+
+    fd: int
+    mac: str
+
+
+@record(frozen=True)
 class SnapshotFiles:
     """A saved guest: its RAM as a (sparse) file and QEMU's device state without RAM."""
 
@@ -66,6 +75,7 @@ class VMConfig:
     # Start from this snapshot instead of booting (RAM from a private copy of its file).
     restore: SnapshotFiles | None = None
     publish: list[PortForward] = field(default_factory=list)
+    tap: TapNic | None = None
 
 
 class VirtualMachine(abc.ABC):

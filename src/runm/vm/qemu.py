@@ -26,7 +26,7 @@ from typing import Any
 
 from runm.proto import network
 from runm.vm.accel import choose_accelerator
-from runm.vm.base import Share, SnapshotFiles, VirtualMachine, VMConfig, VMError
+from runm.vm.base import Share, SnapshotFiles, TapNic, VirtualMachine, VMConfig, VMError
 from runm.vm.qmp import QmpClient
 
 log = logging.getLogger("runm.vm")
@@ -40,6 +40,7 @@ FAST_KERNEL_ARGS = [
 ]
 # PCIe root ports reserved at boot so a restored snapshot can take this many virtiofs shares.
 HOTPLUG_ROOT_PORTS = 8
+TAP_NETDEV = "callernet"  # QEMU's id of the caller's network (netdev, its fd, the NIC)
 MIGRATION_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 10.0  # device_del needs the guest's consent (ACPI eject): ~0.1 s under TCG
 _ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
@@ -165,6 +166,9 @@ class QemuVM(VirtualMachine):
         # A restored guest gets its shares hot-plugged: its devices must be the template's.
         shares = [] if c.restore is not None else c.shares
         binary, *rest = self._argv(accel, fds, shares)
+        if c.tap is not None and c.restore is None:  # a restored guest gets it hot-plugged
+            rest += ["-netdev", f"tap,id={TAP_NETDEV},fd={fds['tap']}",
+                     "-device", f"virtio-net-pci,netdev={TAP_NETDEV},mac={c.tap.mac},romfile="]
         return [binary, "-name", c.name, *rest, *self._memory_backend(fds)]
 
     def _argv(self, accel: str, fds: dict[str, int], shares: list[Share]) -> list[str]:
@@ -225,6 +229,8 @@ class QemuVM(VirtualMachine):
                 sock = _listen(path)
                 sockets.append(sock)
                 fds[key] = sock.fileno()
+            if c.tap is not None and c.restore is None:
+                fds["tap"] = c.tap.fd
             if c.restore is not None:
                 ram_fd = fds["ram"] = empty_ram_copy(c.restore.ram, c.memory_mib << 20)
             else:
@@ -281,6 +287,8 @@ class QemuVM(VirtualMachine):
                 await resume()
                 for share in self.config.shares:
                     await self._hotplug_share(share)
+                if self.config.tap is not None:
+                    await self._hotplug_tap(self.config.tap)
             await self._forward_ports()
         except BaseException:
             await self.close_qmp()
@@ -361,6 +369,17 @@ class QemuVM(VirtualMachine):
                        **{"queue-size": 1024})
         self._hotplugged += 1
 
+    async def _hotplug_tap(self, tap: TapNic) -> None:
+        """Attach the tap NIC to the running guest, into the next free reserved root port."""
+        port = self._hotplugged
+        if port >= HOTPLUG_ROOT_PORTS:
+            raise VMError(f"cannot hot-plug more than {HOTPLUG_ROOT_PORTS} devices")
+        await self.qmp_passing([tap.fd], "getfd", fdname=TAP_NETDEV)
+        await self.qmp("netdev_add", type="tap", id=TAP_NETDEV, fd=TAP_NETDEV)
+        await self.qmp("device_add", driver="virtio-net-pci", id=f"{TAP_NETDEV}nic",
+                       netdev=TAP_NETDEV, mac=tap.mac, bus=f"hp{port}", romfile="")
+        self._hotplugged += 1
+
     async def _migration(self, command: str, uri: str) -> None:
         """Run `migrate` or `migrate-incoming` (guest RAM excluded) and wait for it to finish."""
         await self.qmp("migrate-set-capabilities", capabilities=[
@@ -421,11 +440,15 @@ class QemuVM(VirtualMachine):
 
     async def qmp(self, command: str, **arguments: object) -> Any:
         """Run a QMP command (connecting first if needed); its errors are VMErrors."""
+        return await self.qmp_passing((), command, **arguments)
+
+    async def qmp_passing(self, fds: Sequence[int], command: str, **arguments: object) -> Any:
+        """qmp(), passing QEMU `fds` along with the command."""
         if self._qmp is None:
             client = QmpClient()
             await client.connect(str(self.qmp_path))
             self._qmp = client
-        return await self._qmp.execute(command, arguments or None)
+        return await self._qmp.execute(command, arguments or None, fds=fds)
 
     async def stop(self, timeout: float = 5.0) -> None:
         if self._qemu is None and not self._adopted:

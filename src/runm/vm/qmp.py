@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import Iterator
+import os
+import socket
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from runm.vm.base import VMError
@@ -80,8 +82,10 @@ class QmpClient:
         self._reading = asyncio.ensure_future(self._read(frames, greeting[1:]))
         await self.execute("qmp_capabilities")
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a command and return its "return" value; a QMP error raises VMError."""
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      fds: Sequence[int] = ()) -> Any:
+        """Run a command and return its "return" value; a QMP error raises VMError. `fds`
+        go along with the command (SCM_RIGHTS), as `getfd` wants them."""
         if self._writer is None or self._closed:
             raise VMError(f"QMP {command}: {self._closed or 'not connected'}")
         request_id = next(self._ids)
@@ -91,8 +95,15 @@ class QmpClient:
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
         try:
-            self._writer.write(json.dumps(request).encode() + b"\n")
-            await self._writer.drain()
+            data = json.dumps(request).encode() + b"\n"
+            if fds:
+                await self._writer.drain()  # nothing may be queued before this sendmsg
+                transport = self._writer.get_extra_info("socket")
+                with socket.socket(fileno=os.dup(transport.fileno())) as sock:
+                    socket.send_fds(sock, [data], list(fds))
+            else:
+                self._writer.write(data)
+                await self._writer.drain()
             response = await answer
         except (OSError, VMError) as err:
             raise VMError(f"QMP {command}: {err}") from None

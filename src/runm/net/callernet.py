@@ -1,0 +1,198 @@
+"""The caller's network namespace, brought into the VM (what Kata calls tc mirroring).
+
+podman, CNI and Kubernetes prepare a network namespace on the host for a container (a veth
+into a bridge, an address, routes; DNAT rules on the host for published ports) and name it
+in the spec. runc runs the container in it. A VM cannot move into it, so its traffic is
+brought to the VM instead: a tap device made inside the namespace carries a second NIC of the
+VM, and tc redirects every frame between the namespace's interface and the tap, both ways.
+The guest's NIC takes the interface's MAC, addresses and routes (`runm.agent.callernic`), so
+what the caller set up for that address (`podman run -p`, the bridge, DNS) reaches the
+container as it would under runc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import struct
+import subprocess
+import threading
+from typing import Any
+
+from runm.errors import RunmError
+from runm.records import record
+
+log = logging.getLogger(__name__)
+
+TAP_NAME = "runm0"  # inside the caller's namespace, beside its interface
+CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+# Every frame that arrives on one side leaves through the other.
+_MIRROR = ("filter add dev {src} parent ffff: protocol all u32 match u8 0 0 "
+           "action mirred egress redirect dev {dst}")
+
+
+@record
+class CallerNetwork:
+    netns: str  # the namespace's path on the host
+    interface: str  # its interface that the VM's NIC stands in for
+    mac: str
+    mtu: int
+    addresses: list[str]  # "10.88.0.2/16"
+    routes: list[str]  # `ip route add` arguments without the device; "-6 ..." for IPv6
+
+
+def caller_netns(spec: dict[str, Any]) -> str | None:
+    """The network namespace path the spec names, if it exists here and is not our own."""
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        path = ns.get("path")
+        if ns.get("type") != "network" or not path:
+            continue
+        try:
+            theirs, ours = os.stat(path), os.stat("/proc/self/ns/net")
+        except OSError:
+            return None
+        return None if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) else path
+    return None
+
+
+def _ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
+    try:
+        result = subprocess.run(["nsenter", f"--net={netns}", "ip", "-j", *args],
+                                capture_output=True, check=False)
+    except OSError as err:
+        raise RunmError(f"running ip in {netns}: {err}") from None
+    if result.returncode != 0:
+        raise RunmError(f"ip {' '.join(args)} in {netns}: "
+                        f"{result.stderr.decode(errors='replace').strip()}")
+    try:
+        value = json.loads(result.stdout or b"[]")
+    except ValueError:
+        raise RunmError(f"ip {' '.join(args)} in {netns}: output is not JSON") from None
+    return [item for item in value if isinstance(item, dict)]
+
+
+def route_args(route: dict[str, Any], interface: str) -> str | None:
+    """`ip route add` arguments (without the device) that recreate route, or None for a
+    route the addresses create by themselves or one through another interface."""
+    dst = str(route.get("dst", ""))
+    if (not dst or route.get("dev", interface) != interface
+            or route.get("protocol") == "kernel" or route.get("type") in ("multicast",
+                                                                          "local")
+            or dst.startswith("fe80:")):
+        return None
+    args = [dst]
+    if route.get("gateway"):
+        args += ["via", str(route["gateway"])]
+    if route.get("prefsrc"):
+        args += ["src", str(route["prefsrc"])]
+    if route.get("scope") and route["scope"] != "global":
+        args += ["scope", str(route["scope"])]
+    if route.get("metric"):
+        args += ["metric", str(route["metric"])]
+    if "onlink" in (route.get("flags") or []):
+        args.append("onlink")
+    return " ".join(args)
+
+
+def describe(links: list[dict[str, Any]], routes4: list[dict[str, Any]],
+             routes6: list[dict[str, Any]], netns: str) -> CallerNetwork | None:
+    """The namespace's first Ethernet interface with a global address, as a CallerNetwork;
+    None if it has none (only loopback: nothing to bring into the VM)."""
+    for link in links:
+        addresses = [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info") or []
+                     if a.get("scope") == "global" and a.get("local")]
+        if link.get("link_type") != "ether" or not addresses or link.get("ifname") == TAP_NAME:
+            continue
+        name = str(link["ifname"])
+        routes = [r for r in (route_args(route, name) for route in routes4) if r]
+        routes += [f"-6 {r}" for r in (route_args(route, name) for route in routes6) if r]
+        return CallerNetwork(netns=netns, interface=name, mac=str(link["address"]),
+                             mtu=int(link.get("mtu", 0)), addresses=addresses, routes=routes)
+    return None
+
+
+def inspect(netns: str) -> CallerNetwork | None:
+    """What the caller set up in netns (see describe)."""
+    return describe(_ip_json(netns, "addr", "show"),
+                    _ip_json(netns, "route", "show", "table", "main"),
+                    _ip_json(netns, "-6", "route", "show", "table", "main"), netns)
+
+
+def from_spec(spec: dict[str, Any]) -> CallerNetwork | None:
+    """The network the caller made for the container, or None (runc's own namespaces)."""
+    netns = caller_netns(spec)
+    return None if netns is None else inspect(netns)
+
+
+def _open_tap_in(netns: str) -> int:
+    """A tap device made inside netns (a thread's network namespace is its own: this one
+    enters netns, opens the tap and ends)."""
+    result: list[int | BaseException] = []
+
+    def make() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns: {os.strerror(err)}")
+            finally:
+                os.close(ns_fd)
+            tap = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(tap, TUNSETIFF, struct.pack("16sH", TAP_NAME.encode(),
+                                                        IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+            except BaseException:
+                os.close(tap)
+                raise
+            result.append(tap)
+        except BaseException as err:
+            result.append(err)
+
+    thread = threading.Thread(target=make, name="runm-netns")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _run_in(netns: str, argv: list[str], stdin: str = "") -> None:
+    result = subprocess.run(["nsenter", f"--net={netns}", *argv], input=stdin.encode(),
+                            capture_output=True, check=False)
+    if result.returncode != 0:
+        raise OSError(f"{' '.join(argv)}: {result.stderr.decode(errors='replace').strip()}")
+
+
+def attach(net: CallerNetwork) -> int:
+    """Make the tap in the caller's namespace and mirror its interface onto it; return the
+    tap's fd for QEMU (the tap goes away with the last fd). Undone on failure."""
+    try:
+        tap = _open_tap_in(net.netns)
+    except OSError as err:
+        raise RunmError(f"making a tap device in {net.netns}: {err}") from None
+    try:
+        _run_in(net.netns, ["ip", "link", "set", TAP_NAME, "mtu", str(net.mtu or 1500), "up"])
+        _run_in(net.netns, ["tc", "-batch", "-"], "\n".join([
+            f"qdisc add dev {net.interface} ingress",
+            _MIRROR.format(src=net.interface, dst=TAP_NAME),
+            f"qdisc add dev {TAP_NAME} ingress",
+            _MIRROR.format(src=TAP_NAME, dst=net.interface)]) + "\n")
+    except OSError as err:
+        os.close(tap)
+        detach(net)
+        raise RunmError(f"connecting the VM to {net.interface} in {net.netns}: {err}") from None
+    return tap
+
+
+def detach(net: CallerNetwork) -> None:
+    """Give the caller's interface back (its namespace may be gone already: no errors)."""
+    with contextlib.suppress(OSError):
+        _run_in(net.netns, ["tc", "qdisc", "del", "dev", net.interface, "ingress"])
