@@ -1,10 +1,16 @@
 """The caller's network: what is read from its namespace (`ip -j` output, as podman's CNI
-bridge leaves it) and the guest's `ip` commands that recreate it. The tap, tc and the guest's
-NIC are exercised for real in tests/e2e/test_network.py and test_podman.py."""
+bridge leaves it), and the agent recreating it with rtnetlink, in a namespace of the test's
+own. The tap, tc and the guest's NIC are exercised end to end in tests/e2e/test_network.py
+and test_podman.py."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,19 +75,62 @@ def test_only_a_network_namespace_path_that_exists_and_is_not_ours_counts(
     assert callernet.caller_netns({}) is None
 
 
-def test_the_guest_renames_the_nics_and_recreates_addresses_and_routes() -> None:
-    commands = callernic.ip_commands("eth1", 1400, ["10.88.0.2/16", "fd00::2/64"],
-                                     ["default via 10.88.0.1", "-6 default via fd00::1"])
-    assert commands == [
-        ["link", "set", "eth0", "down"], ["addr", "flush", "dev", "eth0"],
-        ["link", "set", "eth0", "name", callernic.SLIRP_NAME],
-        ["link", "set", "eth1", "name", "eth0"],
-        ["link", "set", "eth0", "mtu", "1400"], ["link", "set", "eth0", "up"],
-        ["addr", "add", "10.88.0.2/16", "dev", "eth0"],
-        ["-6", "addr", "add", "fd00::2/64", "dev", "eth0"],
-        ["route", "add", "default", "via", "10.88.0.1", "dev", "eth0"],
-        ["-6", "route", "add", "default", "via", "fd00::1", "dev", "eth0"]]
-    assert callernic.ip_commands("eth0", 0, [], []) == [["link", "set", "eth0", "up"]]
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A namespace with a guest's two NICs: eth0 as slirp's (10.0.2.15/24, default route
+    through 10.0.2.2) and eth1, the caller's, down (a veth pair stands in for both)."""
+    name = f"runm-unit-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for args in (["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                     ["addr", "add", "10.0.2.15/24", "dev", "eth0"],
+                     ["link", "set", "eth0", "up"],
+                     ["route", "add", "default", "via", "10.0.2.2"]):
+            subprocess.run(["ip", "-n", name, *args], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
+    out = subprocess.run(["ip", "-n", netns, "-j", *args], capture_output=True, check=True)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_the_guest_makes_the_callers_nic_its_eth0_with_addresses_and_routes(
+        netns: str) -> None:
+    mac = ip_json(netns, "link", "show", "eth1")[0]["address"]
+    callernet.in_netns(f"/run/netns/{netns}", lambda: callernic.configure(
+        "eth1", 1400, ["10.88.0.2/16", "fd00::2/64"],
+        ["default via 10.88.0.1", "10.99.0.0/24 via 10.88.0.254 src 10.88.0.2 metric 10 onlink",
+         "192.168.5.0/24", "-6 default via fd00::1 metric 1024"]))
+    links = {link["ifname"]: link for link in ip_json(netns, "addr", "show")}
+    assert links["eth0"]["address"] == mac and links["eth0"]["mtu"] == 1400
+    assert "UP" in links["eth0"]["flags"]
+    assert [(a["local"], a["prefixlen"]) for a in links["eth0"]["addr_info"]
+            if a["scope"] == "global"] == [("10.88.0.2", 16), ("fd00::2", 64)]
+    assert "UP" not in links[callernic.SLIRP_NAME]["flags"]
+    assert links[callernic.SLIRP_NAME]["addr_info"] == []
+    routes = {r["dst"]: r for r in ip_json(netns, "route", "show")}
+    assert routes["default"]["gateway"] == "10.88.0.1" and routes["default"]["dev"] == "eth0"
+    assert routes["10.99.0.0/24"]["metric"] == 10 and "onlink" in routes["10.99.0.0/24"]["flags"]
+    assert routes["10.99.0.0/24"]["prefsrc"] == "10.88.0.2"
+    assert routes["192.168.5.0/24"]["scope"] == "link"
+    routes6 = {r["dst"]: r for r in ip_json(netns, "-6", "route", "show")}
+    assert routes6["default"]["gateway"] == "fd00::1" and routes6["default"]["metric"] == 1024
+
+
+def test_a_failing_step_is_named(netns: str) -> None:
+    with pytest.raises(RuntimeError, match=r"adding route default via 10\.1\.1\.1: Network is "
+                                           r"unreachable"):
+        callernet.in_netns(f"/run/netns/{netns}", lambda: callernic.configure(
+            "eth1", 0, ["10.88.0.2/16"], ["default via 10.1.1.1"]))
+    with pytest.raises(RuntimeError, match="no network interface eth9"):
+        callernet.in_netns(f"/run/netns/{netns}", lambda: callernic.configure(
+            "eth9", 0, [], []))
+    with pytest.raises(RuntimeError, match="unknown 'via6'"):
+        callernet.in_netns(f"/run/netns/{netns}", lambda: callernic.configure(
+            "eth0", 0, [], ["default via6 x"]))
 
 
 def test_the_nic_is_found_by_its_mac(tmp_path: Path) -> None:
@@ -92,9 +141,3 @@ def test_the_nic_is_found_by_its_mac(tmp_path: Path) -> None:
     assert callernic.find_nic("82:F2:8F:E6:D1:33", tmp_path) == "eth1"
     assert callernic.find_nic("00:11:22:33:44:55", tmp_path) is None
     assert callernic.find_nic("00:11:22:33:44:55", tmp_path / "none") is None
-
-
-def test_a_failing_ip_command_is_named() -> None:
-    callernic.configure([["link", "set", "eth0", "up"]], ip="true")
-    with pytest.raises(RuntimeError, match="ip link set eth0 up: exit 1"):
-        callernic.configure([["link", "set", "eth0", "up"]], ip="false")

@@ -354,20 +354,32 @@ def test_zero_free_memory_leaves_the_margin(tmp_path: Path) -> None:
     assert sysapi.zero_free_memory(meminfo=str(meminfo)) == 0
 
 
-def test_network_up_configures_the_nic_with_ip(tmp_path: Path) -> None:
-    """The commands pid1 runs (a fake `ip` records them); no NIC, nothing is run."""
-    log = tmp_path / "calls"
-    fake = tmp_path / "ip"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n[ \"$1\" = route ] && exit 2\nexit 0\n")
-    fake.chmod(0o755)
-    sys_net = tmp_path / "net"
-    assert pid1.network_up(str(fake), sys_net) == ["no eth0"]
-    (sys_net / "eth0").mkdir(parents=True)
-    errors = pid1.network_up(str(fake), sys_net)
-    assert log.read_text().splitlines() == [
-        "addr add 10.0.2.15/24 dev eth0", "link set eth0 up", "route add default via 10.0.2.2"]
-    assert len(errors) == 1 and errors[0].startswith("ip route add default")
-    assert pid1.network_up(str(tmp_path / "no-ip"), sys_net)[0].startswith("ip addr add")
+def test_network_up_configures_the_nic_for_slirp() -> None:
+    """In a namespace of the test's own: eth0 (a veth) gets slirp's address and route; a
+    second time, the errors are reported, not raised; without eth0 nothing is done."""
+    from runm.net.callernet import in_netns
+
+    name = f"runm-unit-up-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        path = f"/run/netns/{name}"
+        assert in_netns(path, pid1.network_up) == ["no eth0"]
+        subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name",
+                        "peer0"], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "peer0", "up"], check=True)
+        assert in_netns(path, pid1.network_up) == []
+        link = json.loads(subprocess.run(["ip", "-n", name, "-j", "addr", "show", "eth0"],
+                                         capture_output=True, check=True).stdout)[0]
+        assert "UP" in link["flags"]
+        assert [(a["local"], a["prefixlen"]) for a in link["addr_info"]
+                if a["family"] == "inet"] == [("10.0.2.15", 24)]
+        routes = json.loads(subprocess.run(["ip", "-n", name, "-j", "route"],
+                                           capture_output=True, check=True).stdout)
+        assert {"dst": "default", "gateway": "10.0.2.2"}.items() <= routes[0].items()
+        again = in_netns(path, pid1.network_up)
+        assert again[0] == "address 10.0.2.15/24: File exists", again
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def test_drop_page_cache_asks_the_kernel_for_level_1(tmp_path: Path) -> None:

@@ -8,9 +8,13 @@ would have seen under runc: podman's bridge address, its gateway, its published 
 
 from __future__ import annotations
 
-import subprocess
+import contextlib
+import socket
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+from runm.agent.rtnetlink import RouteSocket
 from runm.proto import network
 
 SLIRP_NAME = "slirp0"  # QEMU's user-mode NIC once the caller's takes its name
@@ -27,32 +31,35 @@ def find_nic(mac: str, sys_net: Path = Path("/sys/class/net")) -> str | None:
     return None
 
 
-def ip_commands(nic: str, mtu: int, addresses: list[str], routes: list[str]) -> list[list[str]]:
-    """The `ip` invocations that make `nic` the guest's eth0 with these addresses and routes
-    (taking the user-mode NIC down first drops its default route)."""
+def configure(nic: str, mtu: int, addresses: list[str], routes: list[str]) -> None:
+    """Make `nic` the guest's eth0 with these addresses and routes ("-6 ..." for IPv6; see
+    RouteSocket.add_route), after taking the user-mode NIC down (which drops its routes) and
+    renaming it. The first failure raises RuntimeError naming the step."""
     eth0 = network.GUEST_INTERFACE
-    commands: list[list[str]] = []
-    if nic != eth0:
-        commands += [["link", "set", eth0, "down"], ["addr", "flush", "dev", eth0],
-                     ["link", "set", eth0, "name", SLIRP_NAME],
-                     ["link", "set", nic, "name", eth0]]
-    if mtu:
-        commands.append(["link", "set", eth0, "mtu", str(mtu)])
-    commands.append(["link", "set", eth0, "up"])
-    for address in addresses:
-        commands.append([*(["-6"] if ":" in address else []), "addr", "add", address,
-                         "dev", eth0])
-    for route in routes:
-        args = route.split()
-        family = ["-6"] if args[:1] == ["-6"] else []
-        commands.append([*family, "route", "add", *args[len(family):], "dev", eth0])
-    return commands
+    index = _index(nic)
+    with RouteSocket() as rt:
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if nic != eth0:
+            slirp = _index(eth0)
+            steps += [(f"taking {eth0} down", partial(rt.set_link, slirp, up=False)),
+                      (f"renaming {eth0}", partial(rt.set_link, slirp, name=SLIRP_NAME)),
+                      (f"renaming {nic}", partial(rt.set_link, index, name=eth0))]
+            with contextlib.suppress(OSError):  # `ip addr` in the container shows it otherwise
+                rt.address(slirp, network.GUEST_CIDR, add=False)
+        steps.append((f"bringing {eth0} up", partial(rt.set_link, index, up=True, mtu=mtu)))
+        steps += [(f"adding address {a}", partial(rt.address, index, a)) for a in addresses]
+        steps += [(f"adding route {r}", partial(rt.add_route, index, r)) for r in routes]
+        for what, action in steps:
+            try:
+                action()
+            except OSError as err:
+                raise RuntimeError(f"{what}: {err.strerror or err}") from None
+            except ValueError as err:
+                raise RuntimeError(f"{what}: {err}") from None
 
 
-def configure(commands: list[list[str]], ip: str = "ip") -> None:
-    """Run the commands in order; the first failure raises RuntimeError naming it."""
-    for args in commands:
-        result = subprocess.run([ip, *args], capture_output=True, check=False)
-        if result.returncode != 0:
-            detail = result.stderr.decode(errors="replace").strip()
-            raise RuntimeError(f"ip {' '.join(args)}: {detail or f'exit {result.returncode}'}")
+def _index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise RuntimeError(f"no network interface {name}") from None

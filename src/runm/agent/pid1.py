@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
+import socket
 import sys
+from functools import partial
 from pathlib import Path
 
 from runm.agent import sysapi
@@ -64,22 +65,27 @@ def setup_system() -> None:
     network_up()
 
 
-def network_up(ip: str = "ip", sys_net: Path = Path("/sys/class/net")) -> list[str]:
+def network_up() -> list[str]:
     """Configure the NIC for QEMU's user-mode network (static: no DHCP round trip at boot);
     return the errors (logged; a VM without network still runs containers)."""
-    if not (sys_net / network.GUEST_INTERFACE).exists():
-        return [f"no {network.GUEST_INTERFACE}"]
+    from runm.agent.rtnetlink import RouteSocket
+
+    eth0 = network.GUEST_INTERFACE
+    try:
+        index = socket.if_nametoindex(eth0)
+    except OSError:
+        return [f"no {eth0}"]
     errors = []
-    for args in (["addr", "add", network.GUEST_CIDR, "dev", network.GUEST_INTERFACE],
-                 ["link", "set", network.GUEST_INTERFACE, "up"],
-                 ["route", "add", "default", "via", network.GATEWAY]):
-        try:
-            result = subprocess.run([ip, *args], capture_output=True, check=False)
-        except OSError as err:
-            errors.append(f"ip {' '.join(args)}: {err}")
-            continue
-        if result.returncode != 0:
-            errors.append(f"ip {' '.join(args)}: {result.stderr.decode(errors='replace')}")
+    with RouteSocket() as rt:
+        for what, action in (
+                (f"address {network.GUEST_CIDR}", partial(rt.address, index, network.GUEST_CIDR)),
+                (f"{eth0} up", partial(rt.set_link, index, up=True)),
+                (f"route default via {network.GATEWAY}",
+                 partial(rt.add_route, index, f"default via {network.GATEWAY}"))):
+            try:
+                action()
+            except OSError as err:
+                errors.append(f"{what}: {err.strerror}")
     for error in errors:
         print(f"runm-agent: network: {error}", file=sys.stderr)
     return errors
@@ -119,12 +125,7 @@ def hold_kernel_switches(root: Path) -> str | None:
 
 
 def _loopback_up() -> None:
-    import fcntl
-    import socket
-    import struct
+    from runm.agent.rtnetlink import RouteSocket
 
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("16sH", b"lo", 0)
-        flags = struct.unpack("16sH", fcntl.ioctl(s, siocgifflags, req)[:18])[1]
-        fcntl.ioctl(s, siocsifflags, struct.pack("16sH", b"lo", flags | iff_up))
+    with RouteSocket() as rt:
+        rt.set_link(socket.if_nametoindex("lo"), up=True)

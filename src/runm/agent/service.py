@@ -183,10 +183,10 @@ class AgentService:
             if loop.time() >= deadline:  # hot-plugged: probed asynchronously, as in mount
                 raise TtrpcError(Code.NOT_FOUND, f"no network interface with MAC {req.mac}")
             await asyncio.sleep(MOUNT_RETRY_INTERVAL)
-        commands = callernic.ip_commands(nic, req.mtu, list(req.addresses), list(req.routes))
         try:
-            await loop.run_in_executor(None, callernic.configure, commands)
-        except (RuntimeError, OSError) as err:
+            await loop.run_in_executor(None, callernic.configure, nic, req.mtu,
+                                       list(req.addresses), list(req.routes))
+        except RuntimeError as err:
             raise TtrpcError(Code.INTERNAL, f"configuring the network: {err}") from None
         return api.Empty()
 

@@ -16,17 +16,17 @@ import contextlib
 import ctypes
 import fcntl
 import json
-import logging
 import os
 import struct
 import subprocess
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from runm.errors import RunmError
 from runm.records import record
 
-log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TAP_NAME = "runm0"  # inside the caller's namespace, beside its interface
 CLONE_NEWNET = 0x40000000
@@ -130,12 +130,13 @@ def from_spec(spec: dict[str, Any]) -> CallerNetwork | None:
     return None if netns is None else inspect(netns)
 
 
-def _open_tap_in(netns: str) -> int:
-    """A tap device made inside netns (a thread's network namespace is its own: this one
-    enters netns, opens the tap and ends)."""
-    result: list[int | BaseException] = []
+def in_netns(netns: str, action: Callable[[], T]) -> T:
+    """action(), run in a thread that enters netns first (a thread's network namespace is
+    its own; the thread ends with it)."""
+    result: list[T] = []
+    failure: list[BaseException] = []
 
-    def make() -> None:
+    def run() -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
@@ -145,23 +146,28 @@ def _open_tap_in(netns: str) -> int:
                     raise OSError(err, f"setns: {os.strerror(err)}")
             finally:
                 os.close(ns_fd)
-            tap = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(tap, TUNSETIFF, struct.pack("16sH", TAP_NAME.encode(),
-                                                        IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-            except BaseException:
-                os.close(tap)
-                raise
-            result.append(tap)
+            result.append(action())
         except BaseException as err:
-            result.append(err)
+            failure.append(err)
 
-    thread = threading.Thread(target=make, name="runm-netns")
+    thread = threading.Thread(target=run, name="runm-netns")
     thread.start()
     thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
+    if failure:
+        raise failure[0]
     return result[0]
+
+
+def _open_tap() -> int:
+    """A tap device in this thread's namespace, with the virtio-net header QEMU wants."""
+    tap = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(tap, TUNSETIFF, struct.pack("16sH", TAP_NAME.encode(),
+                                                IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except BaseException:
+        os.close(tap)
+        raise
+    return tap
 
 
 def _run_in(netns: str, argv: list[str], stdin: str = "") -> None:
@@ -175,7 +181,7 @@ def attach(net: CallerNetwork) -> int:
     """Make the tap in the caller's namespace and mirror its interface onto it; return the
     tap's fd for QEMU (the tap goes away with the last fd). Undone on failure."""
     try:
-        tap = _open_tap_in(net.netns)
+        tap = in_netns(net.netns, _open_tap)
     except OSError as err:
         raise RunmError(f"making a tap device in {net.netns}: {err}") from None
     try:
