@@ -141,3 +141,45 @@ def test_the_nic_is_found_by_its_mac(tmp_path: Path) -> None:
     assert callernic.find_nic("82:F2:8F:E6:D1:33", tmp_path) == "eth1"
     assert callernic.find_nic("00:11:22:33:44:55", tmp_path) is None
     assert callernic.find_nic("00:11:22:33:44:55", tmp_path / "none") is None
+
+
+def test_attach_mirrors_the_interface_onto_a_tap_and_detach_gives_it_back(netns: str) -> None:
+    net = callernet.inspect(f"/run/netns/{netns}")
+    assert net is not None and net.interface == "eth0"  # eth1 has no global address
+    assert net.routes == ["default via 10.0.2.2"]
+    tap = callernet.attach(net)
+    try:
+        links = {link["ifname"]: link for link in ip_json(netns, "link")}
+        assert "UP" in links[callernet.TAP_NAME]["flags"]
+        for src, dst in (("eth0", callernet.TAP_NAME), (callernet.TAP_NAME, "eth0")):
+            shown = subprocess.run(["tc", "-n", netns, "filter", "show", "dev", src, "ingress"],
+                                   capture_output=True, check=True).stdout.decode()
+            assert f"Egress Redirect to device {dst}" in shown, shown
+    finally:
+        os.close(tap)
+        callernet.detach(net)
+    assert callernet.TAP_NAME not in {link["ifname"] for link in ip_json(netns, "link")}
+    qdiscs = subprocess.run(["tc", "-n", netns, "qdisc", "show", "dev", "eth0"],
+                            capture_output=True, check=True).stdout.decode()
+    assert "ingress" not in qdiscs
+
+
+def test_an_interface_with_an_ingress_qdisc_of_its_own_is_left_alone(netns: str) -> None:
+    subprocess.run(["tc", "-n", netns, "qdisc", "add", "dev", "eth0", "ingress"], check=True)
+    net = callernet.inspect(f"/run/netns/{netns}")
+    assert net is not None
+    with pytest.raises(callernet.RunmError, match="connecting the VM to eth0 in /run/netns/"):
+        callernet.attach(net)
+    assert callernet.TAP_NAME not in {link["ifname"] for link in ip_json(netns, "link")}
+    qdiscs = subprocess.run(["tc", "-n", netns, "qdisc", "show", "dev", "eth0"],
+                            capture_output=True, check=True).stdout.decode()
+    assert "ingress" in qdiscs, "the caller's qdisc stays"
+
+
+def test_a_namespace_that_is_not_there_is_a_clear_error(tmp_path: Path) -> None:
+    net = callernet.CallerNetwork(netns=str(tmp_path / "gone"), interface="eth0",
+                                  mac="02:00:00:00:00:01", mtu=1500, addresses=[], routes=[])
+    with pytest.raises(callernet.RunmError, match=r"making a tap device in .*gone"):
+        callernet.attach(net)
+    with pytest.raises(callernet.RunmError, match=r"ip addr show in .*gone"):
+        callernet.inspect(str(tmp_path / "gone"))

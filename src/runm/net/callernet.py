@@ -184,17 +184,23 @@ def attach(net: CallerNetwork) -> int:
         tap = in_netns(net.netns, _open_tap)
     except OSError as err:
         raise RunmError(f"making a tap device in {net.netns}: {err}") from None
+    what = f"connecting the VM to {net.interface} in {net.netns}"
     try:
         _run_in(net.netns, ["ip", "link", "set", TAP_NAME, "mtu", str(net.mtu or 1500), "up"])
+        # Fails if the interface has an ingress qdisc already: someone else's to keep.
+        _run_in(net.netns, ["tc", "qdisc", "add", "dev", net.interface, "ingress"])
+    except OSError as err:
+        os.close(tap)
+        raise RunmError(f"{what}: {err}") from None
+    try:
         _run_in(net.netns, ["tc", "-batch", "-"], "\n".join([
-            f"qdisc add dev {net.interface} ingress",
             _MIRROR.format(src=net.interface, dst=TAP_NAME),
             f"qdisc add dev {TAP_NAME} ingress",
             _MIRROR.format(src=TAP_NAME, dst=net.interface)]) + "\n")
     except OSError as err:
         os.close(tap)
         detach(net)
-        raise RunmError(f"connecting the VM to {net.interface} in {net.netns}: {err}") from None
+        raise RunmError(f"{what}: {err}") from None
     return tap
 
 
