@@ -260,19 +260,29 @@ def test_terminal_via_console_socket(runm: Runm, tmp_path: Path) -> None:
     assert runm.run("delete", "t1").returncode == 0
 
 
-def test_a_create_killed_while_the_vm_starts_leaves_nothing(runm: Runm, tmp_path: Path) -> None:
-    """A caller's timeout SIGKILLs `runm create` while its VM monitor boots: the monitor finds
-    its creator gone, stops the VM and removes the container's state."""
+def _create_until_its_monitor_runs(runm: Runm, tmp_path: Path,
+                                   cid: str) -> subprocess.Popen[bytes]:
+    """`runm create` of a sleeping container, once its VM monitor has started."""
     bundle = make_busybox_bundle(tmp_path / "bundle", ["sleep", "600"])
-    proc = runm.popen("create", "-b", str(bundle), "gone", stdin=subprocess.DEVNULL,
+    proc = runm.popen("create", "-b", str(bundle), cid, stdin=subprocess.DEVNULL,
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: any("runm.sandbox.monitor" in cmd and str(runm.root) in cmd
                                       for cmd in vm_processes().values()),
                           timeout=60, interval=0.005)
-    finally:
+    except BaseException:
         proc.kill()
         proc.wait()
+        raise
+    return proc
+
+
+def test_a_create_killed_while_the_vm_starts_leaves_nothing(runm: Runm, tmp_path: Path) -> None:
+    """A caller's timeout SIGKILLs `runm create` while its VM monitor boots: the monitor finds
+    its creator gone, stops the VM and removes the container's state."""
+    proc = _create_until_its_monitor_runs(runm, tmp_path, "gone")
+    proc.kill()
+    proc.wait()
     assert wait_until(lambda: not (runm.root / "gone").exists(), timeout=120)
     assert runm.run("state", "gone").returncode == 1
 
@@ -297,13 +307,8 @@ def test_a_create_killed_once_its_container_exists_is_found_by_delete(
     """`runm create` dies after its monitor said the container exists, before it recorded
     the container's pid: `state` still finds the container and `delete -f` removes it with
     its VM (the fixture checks that no process is left)."""
-    bundle = make_busybox_bundle(tmp_path / "bundle", ["sleep", "600"])
-    proc = runm.popen("create", "-b", str(bundle), "late", stdin=subprocess.DEVNULL,
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _create_until_its_monitor_runs(runm, tmp_path, "late")
     try:
-        assert wait_until(lambda: any("runm.sandbox.monitor" in cmd and str(runm.root) in cmd
-                                      for cmd in vm_processes().values()),
-                          timeout=60, interval=0.005)
         os.kill(proc.pid, signal.SIGSTOP)  # it must not read the answer
         assert wait_until(lambda: _unread_pipe_bytes(proc.pid) > 0, timeout=120)
     finally:
