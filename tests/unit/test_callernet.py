@@ -183,3 +183,12 @@ def test_a_namespace_that_is_not_there_is_a_clear_error(tmp_path: Path) -> None:
         callernet.attach(net)
     with pytest.raises(callernet.RunmError, match=r"ip addr show in .*gone"):
         callernet.inspect(str(tmp_path / "gone"))
+
+
+def test_a_namespace_that_cannot_be_read_means_the_vms_own_network(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    other = tmp_path / "netns"
+    other.write_text("")  # exists, but nsenter cannot enter it
+    spec = {"linux": {"namespaces": [{"type": "network", "path": str(other)}]}}
+    assert callernet.from_spec(spec) is None
+    assert "the container gets the VM's own network instead" in caplog.text

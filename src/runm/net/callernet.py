@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 from runm.errors import RunmError
 from runm.records import record
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TAP_NAME = "runm0"  # inside the caller's namespace, beside its interface
@@ -125,9 +127,17 @@ def inspect(netns: str) -> CallerNetwork | None:
 
 
 def from_spec(spec: dict[str, Any]) -> CallerNetwork | None:
-    """The network the caller made for the container, or None (runc's own namespaces)."""
+    """The network the caller made for the container, or None: runc's own namespaces, or
+    one that cannot be read here (a warning; the container gets the VM's own network, as
+    when bringing it into the VM fails)."""
     netns = caller_netns(spec)
-    return None if netns is None else inspect(netns)
+    if netns is None:
+        return None
+    try:
+        return inspect(netns)
+    except RunmError as err:
+        log.warning("%s: the container gets the VM's own network instead", err)
+        return None
 
 
 def in_netns(netns: str, action: Callable[[], T]) -> T:
