@@ -309,7 +309,10 @@ def test_a_create_killed_once_its_container_exists_is_found_by_delete(
     its VM (the fixture checks that no process is left)."""
     proc = _create_until_its_monitor_runs(runm, tmp_path, "late")
     try:
-        os.kill(proc.pid, signal.SIGSTOP)  # it must not read the answer
+        state_file = runm.root / "late" / "state.json"
+        assert wait_until(lambda: "monitor_pid" in json.loads(state_file.read_text())["vm"],
+                          timeout=60, interval=0.005)  # recorded before the VM boots
+        os.kill(proc.pid, signal.SIGSTOP)  # it must not read the monitor's answer
         assert wait_until(lambda: _unread_pipe_bytes(proc.pid) > 0, timeout=120)
     finally:
         proc.kill()

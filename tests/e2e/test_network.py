@@ -286,3 +286,26 @@ def test_the_callers_network_namespace_is_the_containers_network(
     qdiscs = subprocess.run(["tc", "-n", caller_netns.rsplit("/", 1)[1], "qdisc", "show",
                              "dev", "eth0"], capture_output=True, check=True).stdout.decode()
     assert "ingress" not in qdiscs, "the caller's interface is given back"
+
+
+def test_ports_published_by_runm_still_work_beside_the_callers_network(
+        runm: Runm, tmp_path: Path, caller_netns: str) -> None:
+    """A port published with io.runm.publish (QEMU's user-mode network) and the caller's
+    address both reach the container; its default route is the caller's."""
+    port = free_port()
+    b = httpd_bundle(tmp_path, {"io.runm.publish": f"127.0.0.1:{port}:80"})
+    config = json.loads((b / "config.json").read_text())
+    for ns in config["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = caller_netns
+    (b / "config.json").write_text(json.dumps(config))
+    try:
+        assert runm.run_detached("run", "-d", "-b", str(b), "both").returncode == 0
+        assert wait_until(lambda: fetch(f"http://127.0.0.1:{port}/") == b"hello from httpd\n",
+                          timeout=30)
+        assert fetch("http://10.77.0.2:80/") == b"hello from httpd\n"
+        seen = runm.run("exec", "both", "sh", "-c", "ip route")
+        routes = seen.stdout.decode() + seen.stderr.decode()
+        assert "default via 10.77.0.1 dev eth0" in routes, routes
+    finally:
+        runm.run("delete", "-f", "both")

@@ -120,6 +120,17 @@ def test_the_guest_makes_the_callers_nic_its_eth0_with_addresses_and_routes(
     assert routes6["default"]["gateway"] == "fd00::1" and routes6["default"]["metric"] == 1024
 
 
+def test_with_published_ports_the_user_mode_nic_stays_up_without_the_default_route(
+        netns: str) -> None:
+    callernet.in_netns(f"/run/netns/{netns}", lambda: callernic.configure(
+        "eth1", 0, ["10.88.0.2/16"], ["default via 10.88.0.1"], keep_user_network=True))
+    slirp = ip_json(netns, "addr", "show", callernic.SLIRP_NAME)[0]
+    assert "UP" in slirp["flags"]
+    assert [a["local"] for a in slirp["addr_info"] if a["family"] == "inet"] == ["10.0.2.15"]
+    routes = {r["dst"]: r["dev"] for r in ip_json(netns, "route", "show")}
+    assert routes["default"] == "eth0" and routes["10.0.2.0/24"] == callernic.SLIRP_NAME
+
+
 def test_a_failing_step_is_named(netns: str) -> None:
     with pytest.raises(RuntimeError, match=r"adding route default via 10\.1\.1\.1: Network is "
                                            r"unreachable"):

@@ -31,10 +31,13 @@ def find_nic(mac: str, sys_net: Path = Path("/sys/class/net")) -> str | None:
     return None
 
 
-def configure(nic: str, mtu: int, addresses: list[str], routes: list[str]) -> None:
+def configure(nic: str, mtu: int, addresses: list[str], routes: list[str],
+              keep_user_network: bool = False) -> None:
     """Make `nic` the guest's eth0 with these addresses and routes ("-6 ..." for IPv6; see
     RouteSocket.add_route), after taking the user-mode NIC down (which drops its routes) and
-    renaming it. The first failure raises RuntimeError naming the step."""
+    renaming it. keep_user_network: ports are published through it too, so it comes back up
+    with its address (replies to its forwarded connections leave through it) but without its
+    default route. The first failure raises RuntimeError naming the step."""
     eth0 = network.GUEST_INTERFACE
     index = _index(nic)
     with RouteSocket() as rt:
@@ -44,8 +47,11 @@ def configure(nic: str, mtu: int, addresses: list[str], routes: list[str]) -> No
             steps += [(f"taking {eth0} down", partial(rt.set_link, slirp, up=False)),
                       (f"renaming {eth0}", partial(rt.set_link, slirp, name=SLIRP_NAME)),
                       (f"renaming {nic}", partial(rt.set_link, index, name=eth0))]
-            with contextlib.suppress(OSError):  # `ip addr` in the container shows it otherwise
-                rt.address(slirp, network.GUEST_CIDR, add=False)
+            if keep_user_network:
+                steps.append((f"bringing {SLIRP_NAME} up", partial(rt.set_link, slirp, up=True)))
+            else:
+                with contextlib.suppress(OSError):  # the container's `ip addr` would show it
+                    rt.address(slirp, network.GUEST_CIDR, add=False)
         steps.append((f"bringing {eth0} up", partial(rt.set_link, index, up=True, mtu=mtu)))
         steps += [(f"adding address {a}", partial(rt.address, index, a)) for a in addresses]
         steps += [(f"adding route {r}", partial(rt.add_route, index, r)) for r in routes]

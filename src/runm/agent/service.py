@@ -185,7 +185,8 @@ class AgentService:
             await asyncio.sleep(MOUNT_RETRY_INTERVAL)
         try:
             await loop.run_in_executor(None, callernic.configure, nic, req.mtu,
-                                       list(req.addresses), list(req.routes))
+                                       list(req.addresses), list(req.routes),
+                                       req.keep_user_network)
         except RuntimeError as err:
             raise TtrpcError(Code.INTERNAL, f"configuring the network: {err}") from None
         return api.Empty()

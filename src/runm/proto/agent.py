@@ -62,6 +62,9 @@ class NetworkRequest(Message):
     addresses: list[str] = pfield(3, "string", repeated=True)
     routes: list[str] = pfield(4, "string", repeated=True)
     wait_ms: int = pfield(5, "uint32")
+    # Ports are published through the user-mode network too: its NIC stays up, without
+    # the default route.
+    keep_user_network: bool = pfield(6, "bool")
 
 
 @record

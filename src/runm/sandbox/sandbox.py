@@ -312,7 +312,8 @@ class Sandbox:
         if net is not None:
             try:
                 await self.agent.setup_network(api.NetworkRequest(
-                    net.mac, net.mtu, net.addresses, net.routes, int(RESTORE_TIMEOUT * 1000)))
+                    net.mac, net.mtu, net.addresses, net.routes, int(RESTORE_TIMEOUT * 1000),
+                    keep_user_network=bool(self.vm.config.publish)))
             except TtrpcError as err:
                 raise RunmError(f"giving the VM the network of {net.netns}: {err}") from None
             timings.mark("caller_network")
