@@ -5,6 +5,7 @@ and test_podman.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -201,5 +202,76 @@ def test_a_namespace_that_cannot_be_read_means_the_vms_own_network(
     other = tmp_path / "netns"
     other.write_text("")  # exists, but nsenter cannot enter it
     spec = {"linux": {"namespaces": [{"type": "network", "path": str(other)}]}}
-    assert callernet.from_spec(spec) is None
+    assert callernet.for_container("c1", tmp_path, spec) is None
     assert "the container gets the VM's own network instead" in caplog.text
+
+
+def _holders() -> list[int]:
+    """Our children that hold a namespace for Docker's hook."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and \
+                        b"unshare(0x40000000)" in cmdline:
+                    found.append(int(entry.name))
+    return found
+
+
+def setkey_spec(tmp_path: Path, script: str) -> dict[str, Any]:
+    """A spec as Docker writes it: a new network namespace and its setkey prestart hook."""
+    hook = tmp_path / "dockerd"
+    hook.write_text("#!/bin/sh\n" + script)
+    hook.chmod(0o755)
+    return {"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "network"}]},
+            "hooks": {"prestart": [{"path": str(hook),
+                                    "args": [callernet.SETKEY_HOOK, "-exec-root=/x", "c1"]}]}}
+
+
+def test_dockers_network_hook_configures_a_namespace_runm_then_brings_in(
+        tmp_path: Path) -> None:
+    """What libnetwork-setkey does, by a script: given the state's pid, put a veth into
+    that process's network namespace and configure it."""
+    host_end = f"rk{os.getpid() % 10**6}"
+    spec = setkey_spec(tmp_path, f"""
+pid=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])')
+ip link add {host_end} type veth peer name eth0 netns "$pid"
+nsenter --net=/proc/$pid/ns/net ip addr add 10.55.0.2/24 dev eth0
+nsenter --net=/proc/$pid/ns/net ip link set eth0 up
+""")
+    try:
+        net = callernet.for_container("c1", tmp_path, spec)
+        assert net is not None and net.holder_pid in _holders()
+        assert (net.interface, net.addresses) == ("eth0", ["10.55.0.2/24"])
+        assert net.netns == f"/proc/{net.holder_pid}/ns/net"
+        callernet.release(net)
+        assert _holders() == []
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], check=False, capture_output=True)
+
+
+def test_a_hook_that_configures_nothing_means_loopback_only(tmp_path: Path) -> None:
+    spec = setkey_spec(tmp_path, "cat >/dev/null\n")  # `docker run --network none`
+    assert callernet.for_container("c1", tmp_path, spec) is None
+    assert _holders() == []
+
+
+def test_a_failing_hook_fails_the_container_in_runcs_words(tmp_path: Path) -> None:
+    spec = setkey_spec(tmp_path, "echo boom >&2; exit 3\n")
+    with pytest.raises(callernet.RunmError,
+                       match="error running hook #0: exit status 3, stdout: , stderr: boom"):
+        callernet.for_container("c1", tmp_path, spec)
+    assert _holders() == []
+
+
+def test_only_dockers_hook_on_a_new_namespace_is_run_here(tmp_path: Path) -> None:
+    spec = setkey_spec(tmp_path, "exit 0\n")
+    assert callernet.setkey_hook(spec) is not None
+    spec["linux"]["namespaces"] = [{"type": "network", "path": "/run/netns/x"}]
+    assert callernet.setkey_hook(spec) is None
+    spec["linux"]["namespaces"] = [{"type": "network"}]
+    spec["hooks"]["prestart"][0]["args"][0] = "other-hook"
+    assert callernet.setkey_hook(spec) is None
+    assert callernet.setkey_hook({}) is None

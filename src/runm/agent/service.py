@@ -274,13 +274,19 @@ class AgentService:
         pid_file = state_dir / "init.pid"
         proc = ManagedProcess(req.id, "")
         try:
-            notes = write_guest_bundle(req.bundle, req.id, state_dir / "bundle",
-                                       vm_network=req.vm_network,
-                                       pid_alias=(req.host_pid, req.guest_pid))
+            notes, vm_sysctls = write_guest_bundle(req.bundle, req.id, state_dir / "bundle",
+                                                   vm_network=req.vm_network,
+                                                   pid_alias=(req.host_pid, req.guest_pid))
         except (OSError, ValueError) as err:
             remove_tree(state_dir)
             raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the bundle's config.json: {err}"
                              ) from err
+        try:
+            for key, value in vm_sysctls.items():
+                sysapi.write_sysctl(key, value)
+        except OSError as err:
+            remove_tree(state_dir)
+            raise TtrpcError(Code.INVALID_ARGUMENT, err.strerror or str(err)) from err
         for note in notes:
             log.info("container %s: %s", req.id, note)
         verb = ["run", "--detach"] if req.start else ["create"]

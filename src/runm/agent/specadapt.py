@@ -16,14 +16,19 @@ from typing import Any
 
 def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
                exists: Any = os.path.exists, vm_network: bool = False,
-               pid_alias: tuple[int, int] = (0, 0)) -> tuple[dict[str, Any], list[str]]:
-    """Return (the spec for the guest's runc, human-readable notes on what was changed).
+               pid_alias: tuple[int, int] = (0, 0)
+               ) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """Return (the spec for the guest's runc, human-readable notes on what was changed,
+    the network sysctls the agent sets in the VM's network namespace instead).
 
     The VM is the container's network sandbox: a network namespace the caller prepared on the
     host (a path that exists only there) means "give it a network", so the container uses the
     VM's; so does vm_network (ports published). A new namespace without a path stays what runc
-    makes of it: loopback only. pid_alias (host pid, guest pid): a namespace path under
-    /proc/<host pid>/ means the same under /proc/<guest pid>/ (a pod's sandbox container).
+    makes of it: loopback only. A container that joins the VM's network has its `net.*`
+    sysctls set in that namespace by the agent: runc refuses them for a namespace it did not
+    create (Docker asks for net.ipv4.ip_unprivileged_port_start). pid_alias (host pid, guest
+    pid): a namespace path under /proc/<host pid>/ means the same under /proc/<guest pid>/
+    (a pod's sandbox container).
     """
     out = copy.deepcopy(spec)
     notes: list[str] = []
@@ -33,6 +38,7 @@ def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
         root["path"] = os.path.join(bundle, root_path)  # the copy lives outside the bundle
     linux = out.get("linux") or {}
     kept_namespaces = []
+    vm_sysctls: dict[str, str] = {}
     host_pid, guest_pid = pid_alias
     for ns in linux.get("namespaces") or []:
         path = ns.get("path")
@@ -43,8 +49,11 @@ def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
         host_only = bool(path) and not exists(path)
         if ns.get("type") == "network" and (host_only or vm_network):
             notes.append(f"network namespace{f' {path}' if path else ''}: the container "
-                         "uses the VM's network" + (" (ports are published)" if vm_network
-                                                     and not host_only else ""))
+                         "uses the VM's network")
+            sysctls = linux.get("sysctl") or {}
+            for key in [k for k in sysctls if k.startswith("net.")]:
+                vm_sysctls[key] = str(sysctls.pop(key))
+                notes.append(f"sysctl {key}: set in the VM's network namespace")
             continue
         if host_only:
             del ns["path"]
@@ -68,19 +77,20 @@ def adapt_spec(spec: dict[str, Any], bundle: str, container_id: str,
                 notes.append(f"{stage} hook {hook.get('path')} is a host binary; not run in "
                              "the VM")
         hooks[stage] = kept
-    return out, notes
+    return out, notes, vm_sysctls
 
 
 def write_guest_bundle(bundle: str, container_id: str, guest_dir: Path,
                        vm_network: bool = False,
-                       pid_alias: tuple[int, int] = (0, 0)) -> list[str]:
-    """Write the adapted spec into guest_dir/config.json; return the notes."""
+                       pid_alias: tuple[int, int] = (0, 0)) -> tuple[list[str], dict[str, str]]:
+    """Write the adapted spec into guest_dir/config.json; return the notes and the sysctls
+    for the VM's network namespace (see adapt_spec)."""
     import json
 
     with open(Path(bundle) / "config.json") as f:
         spec = json.load(f)
-    adapted, notes = adapt_spec(spec, bundle, container_id, vm_network=vm_network,
-                                pid_alias=pid_alias)
+    adapted, notes, vm_sysctls = adapt_spec(spec, bundle, container_id, vm_network=vm_network,
+                                            pid_alias=pid_alias)
     guest_dir.mkdir(parents=True, exist_ok=True)
     (guest_dir / "config.json").write_text(json.dumps(adapted))
-    return notes
+    return notes, vm_sysctls

@@ -121,6 +121,18 @@ def sealed_copy(path: str) -> int:
     return fd
 
 
+def write_sysctl(key: str, value: str, root: str = "/proc/sys") -> None:
+    """Set sysctl `key` (dotted, as in a spec's linux.sysctl); OSError names it (runc's
+    words: "write sysctl key net.x: ...")."""
+    if ".." in key or key.startswith(".") or "/" in key:
+        raise OSError(errno.EINVAL, f"invalid sysctl key {key!r}")
+    try:
+        with open(os.path.join(root, *key.split(".")), "w") as f:
+            f.write(value)
+    except OSError as err:
+        raise OSError(err.errno, f"write sysctl key {key}: {err.strerror}") from None
+
+
 def drop_page_cache(control: str = "/proc/sys/vm/drop_caches") -> None:
     """Have the kernel drop its clean, unmapped page cache (what a guest read while booting)."""
     os.sync()

@@ -18,10 +18,13 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from runm.errors import RunmError
@@ -34,6 +37,15 @@ TAP_NAME = "runm0"  # inside the caller's namespace, beside its interface
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+SETKEY_HOOK = "libnetwork-setkey"  # Docker's prestart hook that configures the namespace
+# Holds a new network namespace, and dies with the process that made it.
+_HOLDER = ("import ctypes, os, signal\n"
+           "libc = ctypes.CDLL(None, use_errno=True)\n"
+           "libc.prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG
+           "if libc.unshare(0x40000000) != 0: os._exit(1)\n"  # CLONE_NEWNET
+           "os.write(1, b'ready')\n"
+           "os.close(1)\n"
+           "while True: signal.pause()\n")
 # Every frame that arrives on one side leaves through the other.
 _MIRROR = ("filter add dev {src} parent ffff: protocol all u32 match u8 0 0 "
            "action mirred egress redirect dev {dst}")
@@ -47,6 +59,11 @@ class CallerNetwork:
     mtu: int
     addresses: list[str]  # "10.88.0.2/16"
     routes: list[str]  # `ip route add` arguments without the device; "-6 ..." for IPv6
+    holder_pid: int = 0  # our child that holds the namespace, if we made it (Docker's)
+
+
+class _Unreadable(RunmError):
+    """The namespace could not be read: not the container's fault."""
 
 
 def caller_netns(spec: dict[str, Any]) -> str | None:
@@ -68,14 +85,14 @@ def _ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
         result = subprocess.run(["nsenter", f"--net={netns}", "ip", "-j", *args],
                                 capture_output=True, check=False)
     except OSError as err:
-        raise RunmError(f"running ip in {netns}: {err}") from None
+        raise _Unreadable(f"running ip in {netns}: {err}") from None
     if result.returncode != 0:
-        raise RunmError(f"ip {' '.join(args)} in {netns}: "
+        raise _Unreadable(f"ip {' '.join(args)} in {netns}: "
                         f"{result.stderr.decode(errors='replace').strip()}")
     try:
         value = json.loads(result.stdout or b"[]")
     except ValueError:
-        raise RunmError(f"ip {' '.join(args)} in {netns}: output is not JSON") from None
+        raise _Unreadable(f"ip {' '.join(args)} in {netns}: output is not JSON") from None
     return [item for item in value if isinstance(item, dict)]
 
 
@@ -126,18 +143,86 @@ def inspect(netns: str) -> CallerNetwork | None:
                     _ip_json(netns, "-6", "route", "show", "table", "main"), netns)
 
 
-def from_spec(spec: dict[str, Any]) -> CallerNetwork | None:
-    """The network the caller made for the container, or None: runc's own namespaces, or
-    one that cannot be read here (a warning; the container gets the VM's own network, as
-    when bringing it into the VM fails)."""
+def for_container(container_id: str, bundle: Path, spec: dict[str, Any]) -> CallerNetwork | None:
+    """The network the caller made for the container: the namespace its spec names, or the
+    one Docker's network hook configures (run here, as runc would). None: runc's own
+    namespaces, or one that cannot be read (a warning; the container gets the VM's own
+    network, as when bringing it into the VM fails). A failing hook fails the container,
+    as with runc."""
     netns = caller_netns(spec)
-    if netns is None:
-        return None
     try:
-        return inspect(netns)
-    except RunmError as err:
+        if netns is not None:
+            return inspect(netns)
+        hook = setkey_hook(spec)
+        return None if hook is None else _from_setkey_hook(hook, container_id, bundle, spec)
+    except _Unreadable as err:
         log.warning("%s: the container gets the VM's own network instead", err)
         return None
+
+
+def setkey_hook(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Docker's prestart hook that configures a new network namespace (`libnetwork-setkey`:
+    dockerd moves the veth of the container's network in and sets its address)."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    if not any(ns.get("type") == "network" and not ns.get("path") for ns in namespaces):
+        return None
+    for hook in (spec.get("hooks") or {}).get("prestart") or []:
+        if (hook.get("args") or [])[:1] == [SETKEY_HOOK] and os.path.exists(
+                str(hook.get("path", ""))):
+            return dict(hook)
+    return None
+
+
+def _from_setkey_hook(hook: dict[str, Any], container_id: str, bundle: Path,
+                      spec: dict[str, Any]) -> CallerNetwork | None:
+    """Make a namespace (held by a child of ours that dies with us), let Docker's hook
+    configure it, and read what it set up. The holder lives as long as the network is
+    attached (detach() ends it)."""
+    holder = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HOLDER],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    keep = False
+    try:
+        assert holder.stdout is not None
+        if holder.stdout.read(5) != b"ready":
+            raise _Unreadable("making a network namespace for Docker's network hook failed")
+        state = {"ociVersion": spec.get("ociVersion", ""), "id": container_id,
+                 "status": "creating", "pid": holder.pid, "bundle": str(bundle),
+                 "annotations": spec.get("annotations") or {}}
+        run_hook(hook, state, (spec.get("hooks") or {})["prestart"].index(hook))
+        net = inspect(f"/proc/{holder.pid}/ns/net")
+        if net is None:  # `--network none`: loopback only, as runc's new namespace
+            return None
+        keep = True
+        return CallerNetwork(netns=net.netns, interface=net.interface, mac=net.mac,
+                             mtu=net.mtu, addresses=net.addresses, routes=net.routes,
+                             holder_pid=holder.pid)
+    finally:
+        holder.stdout.close()  # type: ignore[union-attr]
+        if not keep:
+            holder.kill()
+            holder.wait()
+
+
+def run_hook(hook: dict[str, Any], state: dict[str, Any], index: int) -> None:
+    """Run an OCI hook with the container's state on stdin; a failure raises runc's error."""
+    args = [str(a) for a in hook.get("args") or [hook["path"]]]
+    env = hook.get("env")
+    try:
+        result = subprocess.run(args, executable=str(hook["path"]),
+                                input=json.dumps(state).encode(), capture_output=True,
+                                env=None if env is None else dict(e.split("=", 1) for e in env
+                                                                  if "=" in e),
+                                timeout=hook.get("timeout") or None, check=False)
+    except subprocess.TimeoutExpired:
+        raise RunmError(f"error running hook #{index}: timeout after "
+                        f"{hook['timeout']} seconds") from None
+    except OSError as err:
+        raise RunmError(f"error running hook #{index}: {err}") from None
+    if result.returncode != 0:
+        raise RunmError(f"error running hook #{index}: exit status {result.returncode}, "
+                        f"stdout: {result.stdout.decode(errors='replace')}, "
+                        f"stderr: {result.stderr.decode(errors='replace')}")
 
 
 def in_netns(netns: str, action: Callable[[], T]) -> T:
@@ -209,12 +294,26 @@ def attach(net: CallerNetwork) -> int:
             _MIRROR.format(src=TAP_NAME, dst=net.interface)]) + "\n")
     except OSError as err:
         os.close(tap)
-        detach(net)
+        _remove_mirror(net)
         raise RunmError(f"{what}: {err}") from None
     return tap
 
 
 def detach(net: CallerNetwork) -> None:
-    """Give the caller's interface back (its namespace may be gone already: no errors)."""
+    """Give the caller's interface back (its namespace may be gone already: no errors),
+    and release() it."""
+    _remove_mirror(net)
+    release(net)
+
+
+def _remove_mirror(net: CallerNetwork) -> None:
     with contextlib.suppress(OSError):
         _run_in(net.netns, ["tc", "qdisc", "del", "dev", net.interface, "ingress"])
+
+
+def release(net: CallerNetwork) -> None:
+    """End the process that holds the namespace, if it is ours."""
+    if net.holder_pid:
+        with contextlib.suppress(OSError):
+            os.kill(net.holder_pid, signal.SIGKILL)
+            os.waitpid(net.holder_pid, 0)

@@ -150,10 +150,10 @@ class Pod:
                 size = bundle_vm_size(bundle)
                 if publish is None:
                     publish = resolve_publish([], bundle.annotations)
+                caller_net = callernet.for_container(cid, bundle.path, bundle.spec)
                 self.sandbox = Sandbox.create(self.name, self.image, self.run_dir, shares,
                                               memory_mib=size.memory_mib, cpus=size.cpus,
-                                              publish=publish,
-                                              caller_net=callernet.from_spec(bundle.spec))
+                                              publish=publish, caller_net=caller_net)
                 try:
                     await self.sandbox.boot()
                 except BaseException:

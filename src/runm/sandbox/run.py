@@ -80,9 +80,10 @@ async def run_container(opts: RunOptions) -> int:
     bundle = opts.bundle
     run_dir = vm_run_dir(opts.store.root, cid)
     vm_size = bundle_vm_size(bundle)
+    caller_net = callernet.for_container(cid, bundle.path, bundle.spec)
     sandbox = Sandbox.create(cid, opts.image, run_dir, bundle_shares(bundle),
                              memory_mib=vm_size.memory_mib, cpus=vm_size.cpus,
-                             publish=opts.publish, caller_net=callernet.from_spec(bundle.spec))
+                             publish=opts.publish, caller_net=caller_net)
     loop = asyncio.get_running_loop()
     interrupted: list[int] = []
     started = asyncio.Event()

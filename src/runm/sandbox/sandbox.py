@@ -175,6 +175,7 @@ class Sandbox:
                 self._tap_fd = callernet.attach(self.caller_net)
             except RunmError as err:  # a host without tun or tc: still run it, as before
                 log.warning("%s: the container gets the VM's own network instead", err)
+                callernet.release(self.caller_net)
                 self.caller_net = None
             else:
                 self.vm.config.tap = TapNic(self._tap_fd, self.caller_net.mac)
@@ -346,15 +347,21 @@ class Sandbox:
 
     def _release_caller_network(self) -> None:
         """Close the tap (it goes with QEMU's copy) and give the caller's interface back."""
-        if self._tap_fd >= 0 and self.caller_net is not None:
+        net, self.caller_net = self.caller_net, None
+        if net is None:
+            return
+        if self._tap_fd >= 0:
             os.close(self._tap_fd)
             self._tap_fd = -1
-            callernet.detach(self.caller_net)
+            callernet.detach(net)
+        else:
+            callernet.release(net)
 
     @property
     def vm_network(self) -> bool:
-        """Ports are published: the container must use the VM's network namespace."""
-        return bool(self.vm.config.publish)
+        """Ports are published, or the VM has the caller's network: the container must use
+        the VM's network namespace."""
+        return bool(self.vm.config.publish) or self.caller_net is not None
 
     async def detach(self) -> int:
         """Hand the VM over (a pool member): the agent ends its ttrpc session (its next
