@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import json
 import logging
@@ -153,27 +154,29 @@ def for_container(container_id: str, bundle: Path, spec: dict[str, Any]) -> Call
     try:
         if netns is not None:
             return inspect(netns)
-        hook = setkey_hook(spec)
-        return None if hook is None else _from_setkey_hook(hook, container_id, bundle, spec)
+        found = setkey_hook(spec)
+        return None if found is None else _from_setkey_hook(*found, container_id, bundle,
+                                                             spec)
     except _Unreadable as err:
         log.warning("%s: the container gets the VM's own network instead", err)
         return None
 
 
-def setkey_hook(spec: dict[str, Any]) -> dict[str, Any] | None:
-    """Docker's prestart hook that configures a new network namespace (`libnetwork-setkey`:
-    dockerd moves the veth of the container's network in and sets its address)."""
+def setkey_hook(spec: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """(index among the prestart hooks, hook) of Docker's hook that configures a new network
+    namespace (`libnetwork-setkey`: dockerd moves the veth of the container's network in and
+    sets its address)."""
     namespaces = (spec.get("linux") or {}).get("namespaces") or []
     if not any(ns.get("type") == "network" and not ns.get("path") for ns in namespaces):
         return None
-    for hook in (spec.get("hooks") or {}).get("prestart") or []:
+    for index, hook in enumerate((spec.get("hooks") or {}).get("prestart") or []):
         if (hook.get("args") or [])[:1] == [SETKEY_HOOK] and os.path.exists(
                 str(hook.get("path", ""))):
-            return dict(hook)
+            return index, hook
     return None
 
 
-def _from_setkey_hook(hook: dict[str, Any], container_id: str, bundle: Path,
+def _from_setkey_hook(index: int, hook: dict[str, Any], container_id: str, bundle: Path,
                       spec: dict[str, Any]) -> CallerNetwork | None:
     """Make a namespace (held by a child of ours that dies with us), let Docker's hook
     configure it, and read what it set up. The holder lives as long as the network is
@@ -189,14 +192,12 @@ def _from_setkey_hook(hook: dict[str, Any], container_id: str, bundle: Path,
         state = {"ociVersion": spec.get("ociVersion", ""), "id": container_id,
                  "status": "creating", "pid": holder.pid, "bundle": str(bundle),
                  "annotations": spec.get("annotations") or {}}
-        run_hook(hook, state, (spec.get("hooks") or {})["prestart"].index(hook))
+        run_hook(hook, state, index)
         net = inspect(f"/proc/{holder.pid}/ns/net")
         if net is None:  # `--network none`: loopback only, as runc's new namespace
             return None
         keep = True
-        return CallerNetwork(netns=net.netns, interface=net.interface, mac=net.mac,
-                             mtu=net.mtu, addresses=net.addresses, routes=net.routes,
-                             holder_pid=holder.pid)
+        return dataclasses.replace(net, holder_pid=holder.pid)
     finally:
         holder.stdout.close()  # type: ignore[union-attr]
         if not keep:
