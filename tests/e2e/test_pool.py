@@ -85,6 +85,92 @@ def test_a_pooled_vm_leaves_its_taker_every_hot_plug_port(pool: Runm, tmp_path: 
     assert TAKEN in log.read_text(), log.read_text()
 
 
+def snapshot_ram_mapping(qemu_pid: int) -> tuple[Path, dict[str, int]]:
+    """The snapshot RAM file a clone's QEMU maps, and that mapping's smaps fields (kB)."""
+    path, fields = None, {}
+    for line in Path(f"/proc/{qemu_pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            if path is not None:
+                break
+            if head[-1].endswith("/ram") and "/snapshots/" in head[-1]:
+                path = Path(head[-1])
+        elif path is not None and head[0].endswith(":") and len(head) == 3:
+            fields[head[0][:-1]] = int(head[1])
+    assert path is not None, f"QEMU {qemu_pid} does not map a snapshot's RAM file"
+    return path, fields
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def test_pooled_vms_share_the_snapshot_pages_and_never_write_them(runm: Runm,
+                                                                  tmp_path: Path) -> None:
+    """Pooled VMs map the snapshot's RAM copy-on-write: two of them share its pages in the
+    host's page cache, and what a container does in one (use memory and free it again, with
+    free page reporting off) leaves the file as it was for the others."""
+    result = runm.run("pool", "fill", "2")
+    assert result.returncode == 0, result.stderr.decode()
+    try:
+        members = pool_members(runm)
+        assert [m["state"] for m in members] == ["ready", "ready"]
+        mappings = [snapshot_ram_mapping(int(m["qemu_pid"])) for m in members]
+        ram = mappings[0][0]
+        assert mappings[1][0] == ram
+        for _, fields in mappings:  # the pages both read (kernel, agent, runc) are shared
+            assert fields["Shared_Clean"] > 16 * 1024, fields
+        before = sha256_of(ram)
+        b = make_busybox_bundle(tmp_path / "b", ["sh", "-c",
+            "dd if=/dev/zero of=/dev/shm/x bs=1M count=64 2>/dev/null && rm /dev/shm/x && "
+            "ls /sys/bus/virtio/drivers/virtio_balloon/"])
+        log = tmp_path / "run.log"
+        result = runm.run("--log", str(log), "run", "-b", str(b), "c1")
+        assert result.returncode == 0, result.stderr.decode()
+        assert TAKEN in log.read_text()
+        assert b"virtio" not in result.stdout, "free page reporting must be off in a clone"
+        assert sha256_of(ram) == before
+    finally:
+        assert runm.run("pool", "drain").returncode == 0
+        assert wait_until(lambda: not pool_members(runm), timeout=60)
+
+
+def test_a_pooled_vms_shares_are_mounts_of_its_own_and_writes_reach_the_host(
+        pool: Runm, tmp_path: Path) -> None:
+    """A pooled VM serves the bundle and volumes over 9p from bind mounts that exist only in
+    its QEMU's mount namespace: none on the host. Writes are on the host at once, and a
+    read-only volume stays read-only."""
+    qemu_pid = pool_members(pool)[0]["qemu_pid"]
+    data, ro = tmp_path / "data", tmp_path / "ro"
+    data.mkdir()
+    ro.mkdir()
+    (ro / "f").write_text("kept\n")
+    b = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
+    config = json.loads((b / "config.json").read_text())
+    config["mounts"] += [
+        {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind"]},
+        {"destination": "/ro", "type": "bind", "source": str(ro), "options": ["rbind", "ro"]}]
+    (b / "config.json").write_text(json.dumps(config))
+    log = tmp_path / "c.log"
+    result = pool.run_detached("--log", str(log), "run", "-d", "-b", str(b), "m1")
+    assert result.returncode == 0, result.stderr.decode()
+    try:
+        assert TAKEN in log.read_text() or TAKEN in (pool.root / "m1" / "monitor.log").read_text()
+        ex = pool.run("exec", "m1", "sh", "-c", "echo now > /data/f && echo x > /ro/f")
+        assert ex.returncode != 0 and b"Read-only file system" in ex.stderr, ex.stderr
+        assert (data / "f").read_text() == "now\n"  # while the container runs
+        assert (ro / "f").read_text() == "kept\n"
+        theirs = Path(f"/proc/{qemu_pid}/mountinfo").read_text()
+        ours = Path("/proc/self/mountinfo").read_text()
+        assert theirs.count("/9p/") >= 3, theirs  # bundle, rootfs's volume dirs
+        assert "/9p/" not in ours
+    finally:
+        assert pool.run("delete", "-f", "m1").returncode == 0
+
+
 def test_a_detached_container_runs_in_a_pooled_vm(pool: Runm, tmp_path: Path) -> None:
     b = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
     result = pool.run_detached("--log", str(tmp_path / "c.log"), "run", "-d", "-b", str(b), "d1")

@@ -252,6 +252,52 @@ def test_mount_waits_only_for_a_device_that_may_still_appear(tmp_path: Path) -> 
     run(body())
 
 
+def mounts_at(target: Path) -> list[str]:
+    return [line for line in Path("/proc/self/mounts").read_text().splitlines()
+            if line.split()[1] == str(target)]
+
+
+def test_a_mount_that_is_there_already_is_not_stacked_and_binds_work(tmp_path: Path) -> None:
+    """A pooled clone's 9p export is mounted by its warm-up and asked for again by its taker:
+    the second Mount is a no-op. Shares are then bind mounts of its directories."""
+    export, share = tmp_path / "export", tmp_path / "share"
+
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            for _ in range(2):
+                await agent.client.mount("runmtest", str(export), "tmpfs", [])
+            assert len(mounts_at(export)) == 1
+            (export / "dir").mkdir()
+            (export / "dir" / "f").write_text("seen\n")
+            await agent.client.mount(str(export / "dir"), str(share), "none", ["bind"])
+            assert (share / "f").read_text() == "seen\n"
+    try:
+        run(body())
+    finally:
+        for target in (share, export):
+            while mounts_at(target):
+                subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_warm_up_runs_its_container_from_the_mount_it_is_given(tmp_path: Path) -> None:
+    """WarmUp mounts its source as told (a clone: a bind of its 9p export's directory), runs
+    the bundle to its exit with runc, and leaves no mount behind."""
+    source = make_busybox_bundle(tmp_path / "source", ["true"])
+    target = tmp_path / "warm"
+
+    async def body() -> None:
+        async with agent_process(tmp_path) as agent:
+            await agent.client.warm_up(str(source), str(target), 0, "none", ["bind"],
+                                       timeout=30)
+            assert not mounts_at(target) and not target.exists()
+            failing = make_busybox_bundle(tmp_path / "failing", ["false"])
+            with pytest.raises(TtrpcError, match="warm-up container exited with 1"):
+                await agent.client.warm_up(str(failing), str(target), 0, "none", ["bind"],
+                                           timeout=30)
+            assert not mounts_at(target)
+    run(body())
+
+
 def test_quiesce_answers_then_ends_the_connection(tmp_path: Path) -> None:
     async def body() -> None:
         async with agent_process(tmp_path) as agent:

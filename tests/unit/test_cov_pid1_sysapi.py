@@ -82,6 +82,41 @@ def test_mounted_targets_lists_mount_points() -> None:
     assert all(t.startswith("/") for t in targets)
 
 
+def test_mounts_gives_source_target_and_type(tmp_path: Path) -> None:
+    assert ("proc", "/proc", "proc") in pid1.mounts()
+    table = tmp_path / "mounts"
+    table.write_text("runm9p /run/runm-9p 9p rw,mmap 0 0\nbroken\n")
+    assert pid1.mounts(str(table)) == {("runm9p", "/run/runm-9p", "9p")}
+    assert pid1.mounts(str(tmp_path / "missing")) == set()
+
+
+def fake_virtio_bus(root: Path, bound: bool) -> Path:
+    """A sysfs virtio bus with a console (0x0003) and a balloon (0x0005) device."""
+    driver = root / "drivers" / "virtio_balloon"
+    driver.mkdir(parents=True)
+    for name, device_id in (("virtio1", "0x0003"), ("virtio4", "0x0005")):
+        (root / "devices" / name).mkdir(parents=True)
+        (root / "devices" / name / "device").write_text(device_id + "\n")
+    (root / "devices" / "virtio9").mkdir()  # no id: skipped
+    for control in ("bind", "unbind"):
+        (driver / control).write_text("")
+    if bound:
+        (driver / "virtio4").symlink_to(root / "devices" / "virtio4")
+    return driver
+
+
+def test_free_page_reporting_unbinds_and_binds_the_balloon_driver_only(tmp_path: Path) -> None:
+    driver = fake_virtio_bus(tmp_path, bound=True)
+    assert sysapi.set_free_page_reporting(True, bus=str(tmp_path)) is False  # on already
+    assert (driver / "bind").read_text() == ""
+    assert sysapi.set_free_page_reporting(False, bus=str(tmp_path)) is True
+    assert (driver / "unbind").read_text() == "virtio4"
+    (driver / "virtio4").unlink()  # what the kernel does on unbind
+    assert sysapi.set_free_page_reporting(False, bus=str(tmp_path)) is False
+    assert sysapi.set_free_page_reporting(True, bus=str(tmp_path)) is True
+    assert (driver / "bind").read_text() == "virtio4"
+
+
 def test_mount_table_covers_what_runc_needs() -> None:
     targets = [m[1] for m in pid1.MOUNTS]
     assert len(targets) == len(set(targets))

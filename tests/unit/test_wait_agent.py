@@ -36,7 +36,8 @@ class Agent:
         self.answers = answers
         self.calls: list[tuple[int, bytes]] = []
 
-    async def setup(self, time_ns: int, entropy: bytes, timeout: float | None = None) -> Any:
+    async def setup(self, time_ns: int, entropy: bytes, timeout: float | None = None,
+                    report_free_pages: bool = True) -> Any:
         index = len(self.calls)
         self.calls.append((time_ns, entropy))
         if time_ns == 0 and index not in self.answers:

@@ -14,6 +14,8 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
+MS_BIND = 4096
+MS_REC = 16384
 MS_RELATIME = 1 << 21
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -27,6 +29,8 @@ _FLAG_OPTIONS = {
     "nodev": MS_NODEV,
     "noexec": MS_NOEXEC,
     "relatime": MS_RELATIME,
+    "bind": MS_BIND,
+    "rbind": MS_BIND | MS_REC,
 }
 
 _libc: ctypes.CDLL | None = None
@@ -138,6 +142,32 @@ def drop_page_cache(control: str = "/proc/sys/vm/drop_caches") -> None:
     os.sync()
     with open(control, "w") as f:
         f.write("1")
+
+
+VIRTIO_BALLOON_ID = "0x0005"
+
+
+def set_free_page_reporting(on: bool, bus: str = "/sys/bus/virtio") -> bool:
+    """Bind (on) or unbind the virtio_balloon driver, which reports free pages to the host;
+    return whether anything changed. Off in a snapshot's guest: a page-sharing clone must
+    not report (QEMU 7.2 would punch the page out of the snapshot's file, under every other
+    clone); a restore with its own copy of the RAM turns it back on."""
+    driver = os.path.join(bus, "drivers", "virtio_balloon")
+    devices = os.path.join(bus, "devices")
+    changed = False
+    for name in sorted(os.listdir(devices)):
+        try:
+            with open(os.path.join(devices, name, "device")) as f:
+                if f.read().strip() != VIRTIO_BALLOON_ID:
+                    continue
+        except OSError:
+            continue
+        if os.path.exists(os.path.join(driver, name)) == on:
+            continue
+        with open(os.path.join(driver, "bind" if on else "unbind"), "w") as f:
+            f.write(name)
+        changed = True
+    return changed
 
 
 def zero_free_memory(margin: int = 48 << 20, meminfo: str = "/proc/meminfo") -> int:

@@ -69,7 +69,9 @@ BASE_VERSION = "2"
 
 SUITE = "bookworm"
 ROOT_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "runc", "busybox-static")
-_KERNEL_PACKAGES = {"amd64": "linux-image-cloud-amd64"}
+# Debian's generic kernel, not the cloud one: only it has 9p, which page-sharing clones
+# (the warm pool) need to share directories (see docs/design.md).
+_KERNEL_PACKAGES = {"amd64": "linux-image-amd64"}
 # Loaded by /init (with their dependencies, which are resolved from the .ko files).
 INITRAMFS_MODULES = (
     "virtio_pci",
@@ -86,6 +88,8 @@ INITRAMFS_MODULES = (
     "squashfs",
     "virtio_rng",
     "virtio_balloon",
+    "9pnet_virtio",
+    "9p",
 )
 # runm modules and packages copied into the guest; only *.py files.
 AGENT_MODULES = ("__init__.py", "records.py")

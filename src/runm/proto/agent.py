@@ -31,6 +31,9 @@ class SetupRequest(Message):
     time_ns: int = pfield(1, "int64")
     entropy: bytes = pfield(2, "bytes")
     hostname: str = pfield(3, "string")
+    # Report free guest pages to the host (free page reporting); false in page-sharing
+    # clones. Snapshots are saved with it off.
+    report_free_pages: bool = pfield(4, "bool")
 
 
 @record
@@ -69,12 +72,15 @@ class NetworkRequest(Message):
 
 @record
 class WarmUpRequest(Message):
-    """Mount the hot-plugged virtiofs share `tag` at `bundle` (waiting up to wait_ms for it
-    to appear), run the container bundle there to its exit, then unmount it."""
+    """Mount `source` at `bundle` (the hot-plugged virtiofs share of that tag, waiting up to
+    wait_ms for it to appear; or as fstype with options), run the container bundle there to
+    its exit, then unmount it."""
 
-    tag: str = pfield(1, "string")
+    source: str = pfield(1, "string")
     bundle: str = pfield(2, "string")
     wait_ms: int = pfield(3, "uint32")
+    fstype: str = pfield(4, "string")  # default: virtiofs
+    options: list[str] = pfield(5, "string", repeated=True)
 
 
 @record

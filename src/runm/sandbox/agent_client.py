@@ -23,8 +23,10 @@ class AgentClient:
                                       timeout=timeout)
 
     async def setup(self, time_ns: int, entropy: bytes, hostname: str = "",
-                    timeout: float | None = None) -> api.SetupResponse:
-        return await self._call("Setup", api.SetupRequest(time_ns, entropy, hostname),
+                    timeout: float | None = None,
+                    report_free_pages: bool = True) -> api.SetupResponse:
+        return await self._call("Setup", api.SetupRequest(time_ns, entropy, hostname,
+                                                          report_free_pages),
                                 api.SetupResponse, timeout)
 
     async def mount(self, source: str, target: str, fstype: str, options: list[str],
@@ -102,10 +104,13 @@ class AgentClient:
         """End this connection on the agent's side (before a snapshot or a hand-over)."""
         await self._call("Quiesce", api.QuiesceRequest(for_snapshot), api.Empty, timeout)
 
-    async def warm_up(self, tag: str, bundle: str, wait_ms: int,
+    async def warm_up(self, source: str, bundle: str, wait_ms: int, fstype: str = "",
+                      options: tuple[str, ...] | list[str] = (),
                       timeout: float | None = None) -> None:
-        """Run the busybox bundle on share `tag` in the guest (see AgentService.warm_up)."""
-        await self._call("WarmUp", api.WarmUpRequest(tag, bundle, wait_ms), api.Empty, timeout)
+        """Run the busybox bundle mounted from `source` at `bundle` in the guest (see
+        AgentService.warm_up)."""
+        await self._call("WarmUp", api.WarmUpRequest(source, bundle, wait_ms, fstype,
+                                                     list(options)), api.Empty, timeout)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         await self._call("Shutdown", api.Empty(), api.Empty, timeout)

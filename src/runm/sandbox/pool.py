@@ -265,6 +265,7 @@ class Keeper:
             return 1
         sandbox = Sandbox.create(f"runm-{self.run_dir.name}", image, self.run_dir, [],
                                  memory_mib=self.memory_mib)
+        sandbox.vm.config.clone = True  # pooled VMs share the snapshot's pages
         snapshot = await sandbox.snapshot(Timings())
         if snapshot is None:
             log.error("no VM snapshot to restore")
@@ -320,7 +321,10 @@ async def _prepare(sandbox: Sandbox, snapshot: SnapshotFiles) -> list[int]:
         share = Share(WARM_UP_BUNDLE, bundle, f"/run/{WARM_UP_BUNDLE}")
         await sandbox.vm.add_share(share)
         began = time.monotonic()
-        await sandbox.agent.warm_up(share.tag, share.guest_path, int(RESTORE_TIMEOUT * 1000),
+        wait_ms = int(RESTORE_TIMEOUT * 1000)
+        await sandbox.mount_export(wait_ms)  # a clone's: it stays mounted for the taker
+        source, fstype, options = sandbox.share_mount(share)
+        await sandbox.agent.warm_up(source, share.guest_path, wait_ms, fstype, options,
                                     timeout=WARM_UP_TIMEOUT)
         warmed = time.monotonic()
         await sandbox.vm.remove_share(share)

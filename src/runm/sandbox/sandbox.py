@@ -33,7 +33,7 @@ from runm.vm.base import (
     VMConfig,
     VMError,
 )
-from runm.vm.qemu import HOTPLUG_ROOT_PORTS, QemuVM
+from runm.vm.qemu import HOTPLUG_ROOT_PORTS, NINEP_TAG, QemuVM
 
 log = logging.getLogger("runm.sandbox")
 
@@ -42,6 +42,10 @@ RESTORE_TIMEOUT = 10.0  # a restored agent answers in ~0.1 s; past this, boot co
 # the first request's notification after a restore (the guest then never sees it); a second
 # request gets through. Asking again early is cheap: a duplicate probe is harmless.
 RESTORE_ASK_AGAIN = 0.4
+NINEP_ROOT = "/run/runm-9p"  # where a clone's guest mounts its 9p export
+# 9p's virtio transport carries at most ~512 KiB per message; cache=mmap: no caching but
+# of mmap'd pages (shared writable mmap works), so every write reaches the host at once.
+NINEP_OPTIONS = ["trans=virtio", "version=9p2000.L", "msize=512000", "cache=mmap"]
 
 
 def boot_timeout() -> float:
@@ -63,7 +67,7 @@ class Timings:
 
 
 async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float,
-                     ask_again_after: float = 0.0) -> str:
+                     ask_again_after: float = 0.0, report_free_pages: bool = True) -> str:
     """Wait for the agent's first answer, then give it the clock and fresh entropy (a
     restored guest has the snapshot's); return the guest's kernel release.
 
@@ -73,7 +77,8 @@ async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float,
     answers within a second even on a busy host: with ask_again_after, one that has not by
     then is asked again, since a second request makes QEMU notify the guest's port again
     should the first notification have been lost (seen with QEMU 7.2 around `stop`/`cont` of
-    pooled VMs, and once in 16 restores beside a pool refill).
+    pooled VMs, and once in 16 restores beside a pool refill). report_free_pages: see
+    SetupRequest (off in page-sharing clones).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -101,7 +106,8 @@ async def wait_agent(vm: QemuVM, agent: AgentClient, timeout: float,
             ask_again_after = 0.0  # once: past that, it is the guest, not a notification
         try:
             answered[0].result()
-            setup = await agent.setup(time.time_ns(), os.urandom(64), timeout=10)
+            setup = await agent.setup(time.time_ns(), os.urandom(64), timeout=10,
+                                      report_free_pages=report_free_pages)
         except ConnectionError as err:
             # The channel closes when QEMU exits: report the exit, not the symptom.
             with contextlib.suppress(TimeoutError):
@@ -207,10 +213,12 @@ class Sandbox:
         try:
             if not qemu_pid:
                 return False
+            self.vm.config.clone = True  # as the keeper restored it
             await self._start(timings, restore=snapshot, adopt=qemu_pid, adopt_fds=fds)
         except (RunmError, VMError, OSError) as err:
             log.warning("pooled VM %d failed, restoring the snapshot instead: %s", qemu_pid, err)
             await self._reset()
+            self.vm.config.clone = False
             return False
         finally:
             self._refill_due = True
@@ -295,19 +303,13 @@ class Sandbox:
             await self.mux.start()
         if restore:
             self.kernel_release = await wait_agent(self.vm, self.agent, RESTORE_TIMEOUT,
-                                                   ask_again_after=RESTORE_ASK_AGAIN)
+                                                   ask_again_after=RESTORE_ASK_AGAIN,
+                                                   report_free_pages=not self.vm.is_clone)
         else:
             self.kernel_release = await wait_agent(self.vm, self.agent, boot_timeout())
         timings.mark("agent_ready" if restore else "guest_boot")
         # Hot-plugged shares appear in the guest a little after device_add returns.
-        wait_ms = int(RESTORE_TIMEOUT * 1000) if restore else 0
-        for share in self.shares:
-            options = ["ro"] if share.readonly else []
-            try:
-                await self.agent.mount(share.tag, share.guest_path, "virtiofs", options,
-                                       wait_ms=wait_ms)
-            except TtrpcError as err:
-                raise RunmError(f"mounting {share.host_path} in the guest: {err}") from None
+        await self.mount_shares(self.shares, int(RESTORE_TIMEOUT * 1000) if restore else 0)
         timings.mark("mount_shares")
         net = self.caller_net
         if net is not None:
@@ -318,6 +320,37 @@ class Sandbox:
             except TtrpcError as err:
                 raise RunmError(f"giving the VM the network of {net.netns}: {err}") from None
             timings.mark("caller_network")
+
+    def share_mount(self, share: Share) -> tuple[str, str, list[str]]:
+        """How the guest mounts a share: (source, fstype, options). A clone's shares are
+        directories of its 9p export (mounted by mount_shares; read-only ones are read-only
+        on the host's side already)."""
+        if self.vm.is_clone:
+            return f"{NINEP_ROOT}/{share.tag}", "none", ["bind"]
+        return share.tag, "virtiofs", ["ro"] if share.readonly else []
+
+    async def mount_export(self, wait_ms: int) -> None:
+        """A clone's 9p export, at NINEP_ROOT in the guest (once: the agent skips a mount
+        that is there, such as the one a pooled guest's warm-up made)."""
+        assert self.agent is not None
+        if not self.vm.is_clone:
+            return
+        try:
+            await self.agent.mount(NINEP_TAG, NINEP_ROOT, "9p", NINEP_OPTIONS, wait_ms)
+        except TtrpcError as err:
+            raise RunmError(f"mounting the VM's 9p export in the guest: {err}") from None
+
+    async def mount_shares(self, shares: list[Share], wait_ms: int) -> None:
+        """Mount shares at their guest paths (hot-plugged: wait up to wait_ms for them)."""
+        assert self.agent is not None
+        if shares:
+            await self.mount_export(wait_ms)
+        for share in shares:
+            source, fstype, options = self.share_mount(share)
+            try:
+                await self.agent.mount(source, share.guest_path, fstype, options, wait_ms)
+            except TtrpcError as err:
+                raise RunmError(f"mounting {share.host_path} in the guest: {err}") from None
 
     async def _reset(self) -> None:
         """Forget a failed start: kill its VM and helpers, close its channels."""

@@ -74,6 +74,9 @@ class VMConfig:
     memory_file: Path | None = None
     # Start from this snapshot instead of booting (RAM from a private copy of its file).
     restore: SnapshotFiles | None = None
+    # With restore: map the snapshot's RAM file privately (copy-on-write) instead of copying
+    # it, so clones share its pages; shares then go over 9p (vhost-user needs shared RAM).
+    clone: bool = False
     publish: list[PortForward] = field(default_factory=list)
     tap: TapNic | None = None
 

@@ -41,6 +41,8 @@ FAST_KERNEL_ARGS = [
 # PCIe root ports reserved at boot so a restored snapshot can take this many virtiofs shares.
 HOTPLUG_ROOT_PORTS = 8
 TAP_NETDEV = "callernet"  # QEMU's id of the caller's network (netdev, its fd, the NIC)
+NINEP_ID = "share9p"  # QEMU's id of a clone's 9p export (its fsdev and its device)
+NINEP_TAG = "runm9p"  # the export's mount tag in the guest
 MIGRATION_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 10.0  # device_del needs the guest's consent (ACPI eject): ~0.1 s under TCG
 _ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
@@ -91,9 +93,21 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _spawn(argv: Sequence[str], pass_fds: Sequence[int],
-           stderr_path: Path) -> subprocess.Popen[bytes]:
-    preexec = _die_with_parent()
+def _spawn(argv: Sequence[str], pass_fds: Sequence[int], stderr_path: Path,
+           own_mounts: bool = False) -> subprocess.Popen[bytes]:
+    """Start a helper or QEMU; own_mounts: in a mount namespace of its own (nsmount)."""
+    die_with_parent = _die_with_parent()
+    new_namespace: Callable[[], None] | None = None
+    if own_mounts:
+        from runm.vm import nsmount  # ctypes: only on the paths that need it
+
+        new_namespace = nsmount.new_namespace
+
+    def preexec() -> None:
+        die_with_parent()
+        if new_namespace is not None:
+            new_namespace()
+
     with open(stderr_path, "ab") as err:
         return subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
@@ -142,13 +156,20 @@ class QemuVM(VirtualMachine):
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def export_dir(self) -> Path:
+        """A clone's 9p export: every share is a bind mount here, in QEMU's namespace."""
+        return self.run_dir / "9p"
+
     def _memory_backend(self, fds: dict[str, int]) -> list[str]:
-        """Guest RAM. virtiofs needs RAM the vhost-user daemon can map: share=on always."""
+        """Guest RAM. virtiofs needs RAM the vhost-user daemon can map: share=on always,
+        except in a clone, which maps the snapshot's file copy-on-write (share=off)."""
         c = self.config
         size = f"size={c.memory_mib}M"
-        if c.restore is not None:  # a private copy of the snapshot's RAM, passed as an fd
+        if c.restore is not None:  # the snapshot's RAM or a private copy, passed as an fd
+            share = "off" if c.clone else "on"
             return ["-object", f"memory-backend-file,id=mem,{size},"
-                    f"mem-path=/proc/self/fd/{fds['ram']},share=on", "-incoming", "defer"]
+                    f"mem-path=/proc/self/fd/{fds['ram']},share={share}", "-incoming", "defer"]
         if c.memory_file is not None:
             return ["-object", f"memory-backend-file,id=mem,{size},mem-path={c.memory_file},"
                     "share=on"]
@@ -169,6 +190,9 @@ class QemuVM(VirtualMachine):
         if c.tap is not None and c.restore is None:  # a restored guest gets it hot-plugged
             rest += ["-netdev", f"tap,id={TAP_NETDEV},fd={fds['tap']}",
                      "-device", f"virtio-net-pci,netdev={TAP_NETDEV},mac={c.tap.mac},romfile="]
+        if self.is_clone:  # the export only: its device is hot-plugged after the restore
+            rest += ["-fsdev", f"local,id={NINEP_ID},path={self.export_dir},"
+                               "security_model=passthrough,multidevs=remap"]
         return [binary, "-name", c.name, *rest, *self._memory_backend(fds)]
 
     def _argv(self, accel: str, fds: dict[str, int], shares: list[Share]) -> list[str]:
@@ -207,6 +231,10 @@ class QemuVM(VirtualMachine):
             argv += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}"]
         return argv
 
+    @property
+    def is_clone(self) -> bool:
+        return self.config.clone and self.config.restore is not None
+
     def _virtiofsd_socket(self, index: int) -> Path:
         return self.run_dir / f"fs{index}.sock"
 
@@ -231,13 +259,17 @@ class QemuVM(VirtualMachine):
                 fds[key] = sock.fileno()
             if c.tap is not None and c.restore is None:
                 fds["tap"] = c.tap.fd
-            if c.restore is not None:
+            if self.is_clone:
+                assert c.restore is not None
+                ram_fd = fds["ram"] = snapshot_ram(c.restore.ram, c.memory_mib << 20)
+                self.export_dir.mkdir(mode=0o700, exist_ok=True)
+            elif c.restore is not None:
                 ram_fd = fds["ram"] = empty_ram_copy(c.restore.ram, c.memory_mib << 20)
             else:
                 for i, share in enumerate(c.shares):
                     self._start_virtiofsd(i, share)
             self._qemu = _spawn(self.build_argv(self.accel, fds), list(fds.values()),
-                                self.stderr_path)
+                                self.stderr_path, own_mounts=self.is_clone)
         except BaseException:
             self.kill()
             if ram_fd >= 0:
@@ -246,7 +278,9 @@ class QemuVM(VirtualMachine):
         finally:
             for sock in sockets:
                 sock.close()
-        if c.restore is not None:
+        if self.is_clone:
+            os.close(ram_fd)  # QEMU has its own
+        elif c.restore is not None:
             # The copy fills while QEMU starts (~0.1 s of each): with `-incoming defer` QEMU
             # writes no guest RAM and the guest runs only after migrate-incoming, which
             # _restore issues once the copy is complete.
@@ -268,6 +302,8 @@ class QemuVM(VirtualMachine):
         self._adopted_pidfd = os.pidfd_open(qemu_pid)
         self._exit = _watch_pidfd(self._adopted_pidfd, self._forget_adopted)
         self.accel = self.config.accel or ""
+        if self.is_clone:
+            self._hotplugged = 1  # its keeper plugged the 9p device (_bring_up)
         await self._bring_up(lambda: self.qmp("cont"))
 
     async def _bring_up(self, resume: Callable[[], Awaitable[object]] | None,
@@ -285,6 +321,8 @@ class QemuVM(VirtualMachine):
                 await connect()
             if resume is not None:
                 await resume()
+                if self.is_clone and not self._hotplugged:
+                    await self._hotplug_9p()
                 for share in self.config.shares:
                     await self._hotplug_share(share)
                 if self.config.tap is not None:
@@ -331,6 +369,13 @@ class QemuVM(VirtualMachine):
     async def remove_share(self, share: Share) -> None:
         """Unplug the last hot-plugged share (the guest has unmounted it) and end its
         virtiofsd: the VM is as before add_share."""
+        if self.is_clone:
+            from runm.vm import nsmount
+
+            await self._run_sync(nsmount.unmount_in, self.pid, self.export_dir / share.tag)
+            (self.export_dir / share.tag).rmdir()
+            self.config.shares.remove(share)
+            return
         index = self.config.shares.index(share)
         if index != len(self.config.shares) - 1 or not self._hotplugged:
             raise VMError(f"{share.host_path}: only the last hot-plugged share can be removed")
@@ -355,7 +400,19 @@ class QemuVM(VirtualMachine):
 
     async def _hotplug_share(self, share: Share) -> None:
         """Attach a virtiofs share (one of config.shares) to the running guest, into the next
-        free reserved root port."""
+        free reserved root port; in a clone, bind it into the 9p export."""
+        if self.is_clone:
+            from runm.vm import nsmount
+
+            target = self.export_dir / share.tag
+            target.mkdir(mode=0o700)
+            try:
+                await self._run_sync(nsmount.bind_into, self.pid, share.host_path, target,
+                                     share.readonly)
+            except OSError as err:
+                target.rmdir()
+                raise VMError(f"sharing {share.host_path}: {err.strerror}") from None
+            return
         index = self.config.shares.index(share)
         port = self._hotplugged
         if port >= HOTPLUG_ROOT_PORTS:
@@ -368,6 +425,17 @@ class QemuVM(VirtualMachine):
                        chardev=f"fs{index}", tag=share.tag, bus=f"hp{port}",
                        **{"queue-size": 1024})
         self._hotplugged += 1
+
+    async def _hotplug_9p(self) -> None:
+        """Plug a clone's 9p device (its export is on the command line) into the first
+        reserved root port; the shares are bind mounts in its export from then on."""
+        await self.qmp("device_add", driver="virtio-9p-pci", id=NINEP_ID, fsdev=NINEP_ID,
+                       mount_tag=NINEP_TAG, bus=f"hp{self._hotplugged}")
+        self._hotplugged += 1
+
+    @staticmethod
+    async def _run_sync(func: Callable[..., None], *args: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
     async def _hotplug_tap(self, tap: TapNic) -> None:
         """Attach the tap NIC to the running guest, into the next free reserved root port."""
@@ -528,14 +596,25 @@ def data_extents(fd: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
+def _check_ram_size(path: Path, size: int) -> None:
+    actual = os.stat(path).st_size
+    if actual != size:
+        raise VMError(f"snapshot RAM {path} is {actual} bytes, expected {size}")
+
+
+def snapshot_ram(path: Path, size: int) -> int:
+    """An fd of the snapshot's RAM file itself, for a clone: QEMU maps it privately and never
+    writes to it (free page reporting, which would punch holes in it, is off in clones)."""
+    _check_ram_size(path, size)
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def empty_ram_copy(path: Path, size: int) -> int:
     """The memfd for a private copy of the snapshot RAM file at path, sized but not filled yet
     (fill_ram_copy does that; holes stay holes). A restored guest writes to its own pages,
     never to the snapshot, while virtiofsd can still map them. QEMU may map the memfd and
     start while it fills, as long as the guest does not run before."""
-    actual = os.stat(path).st_size
-    if actual != size:
-        raise VMError(f"snapshot RAM {path} is {actual} bytes, expected {size}")
+    _check_ram_size(path, size)
     fd = os.memfd_create("runm-guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
     return fd
