@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.harness import Harness, RunResult, stop_process
 from bench.model import Figure, Line
-from bench.procs import components, tree_cpu_seconds, tree_pss
+from bench.procs import components, tcg_buffer_kb, tree, tree_cpu_seconds, tree_pss
 from bench.stats import Kind, fmt_value, median_phases, sig, slowest
 
 Log = Callable[[str], None]
@@ -144,28 +144,39 @@ def cold(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     return fig
 
 
+POOLED_MEMBERS = 3  # pooled VMs map the snapshot's RAM copy-on-write: they share its pages
+
+
 def pooled_memory(h: Harness, cfg: Config, mem: Figure, log: Log) -> None:
-    """Host memory of one pooled VM waiting to be taken (keeper + its QEMU)."""
-    measure = mem.measure("pooled", "one pooled VM waiting (keeper + QEMU, restored and warmed "
-                                    "up): PSS", Kind.MEMORY)
-    mem.lines.append(Line("pooled", [f"pc{cfg.density[0]}"]))
+    """Host memory of a pooled VM waiting to be taken (keeper + its QEMU), in a pool of
+    POOLED_MEMBERS, and the part of it a KVM host would not have (TCG's translations)."""
+    measure = mem.measure("pooled", f"one pooled VM waiting, in a pool of {POOLED_MEMBERS} "
+                                    "(keeper + QEMU, restored and warmed up): PSS", Kind.MEMORY)
+    tcg = mem.measure("pooled_tcg", "of it, TCG's translation buffer (none with KVM)",
+                      Kind.MEMORY)
+    mem.lines.append(Line("pooled", [f"pc{cfg.density[0]}"], ["pooled_tcg"]))
     trees = []
     for counted, tag in cfg.rounds():
-        fill = h.pool("fill", "1")
+        fill = h.pool("fill", str(POOLED_MEMBERS))
         members = h.pool_members()
-        error = None if fill.ok and members else f"pool fill: {fill.error or 'no member'}"
-        pss: dict[str, int] = {}
+        error = None if fill.ok and len(members) == POOLED_MEMBERS else \
+            f"pool fill: {fill.error or f'{len(members)} members'}"
+        per_member: list[dict[str, int]] = []
+        tcg_kb: list[int] = []
         if error is None:
             time.sleep(cfg.settle)  # a documented settle, not synchronisation
-            pss = tree_pss(members[0].keeper_pid)
+            per_member = [tree_pss(m.keeper_pid) for m in members]
+            tcg_kb = [sum(tcg_buffer_kb(p.pid) for p in tree(m.keeper_pid)) for m in members]
         drained = h.pool_drain()
         error = error or drained
-        log(f"[memory {tag}] pooled VM: " + (f"PSS {sig(pss['total'] / 1024)} MiB" if pss
+        pss = statistics.mean(t["total"] for t in per_member) / 1024 if per_member else 0.0
+        log(f"[memory {tag}] pooled VM: " + (f"PSS {sig(pss)} MiB" if per_member
                                               else f"FAILED ({error})"))
         if counted:
-            measure.add(pss["total"] / 1024 if pss and not error else None, error)
-            if pss and not error:
-                trees.append(pss)
+            measure.add(pss if per_member and not error else None, error)
+            tcg.add(statistics.mean(tcg_kb) / 1024 if tcg_kb and not error else None, error)
+            if per_member and not error:
+                trees += per_member
     if trees:
         mem.notes.append("pooled VM (median): " + breakdown(trees))
 
@@ -464,18 +475,23 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     for c in ("cold", "warm"):
         what = ("first read, host page cache of the file dropped" if c == "cold"
                 else "second read of the same file")
-        fig.measure(f"{c}_runm", f"{c} ({what}): runm exec (virtiofs in the VM)", Kind.RATE)
+        fig.measure(f"{c}_runm", f"{c} ({what}): runm exec (virtiofs in the VM)", Kind.RATE,
+                    short="virtiofs")
+        fig.measure(f"{c}_runm9p", f"{c}: runm exec (9p: a VM from the warm pool)", Kind.RATE)
         fig.measure(f"{c}_runc", f"{c}: native runc exec", Kind.RATE, short="native runc exec")
         fig.measure(f"{c}_host", f"{c}: host dd", Kind.RATE, short="host dd")
         fig.measure(f"{c}_net", f"{c}: runm exec minus this round's `runm exec true` (the "
                                 "fixed exec overhead)", Kind.RATE)
         fig.lines.append(Line(f"{c}_runm", [f"{c}_runc", f"{c}_host"], [f"{c}_net"]))
+        fig.lines.append(Line(f"{c}_runm9p", [f"{c}_runm", f"{c}_runc"]))
     fig.measure("write_runm", "write to a bind mount (dd if=/dev/zero of=/data/FILE bs=1M "
                               "conv=fsync, a new file each round): runm exec (virtiofs in the "
-                              "VM)", Kind.RATE)
+                              "VM)", Kind.RATE, short="virtiofs")
+    fig.measure("write_runm9p", "write: runm exec (9p: a VM from the warm pool)", Kind.RATE)
     fig.measure("write_runc", "write: native runc exec", Kind.RATE, short="native runc exec")
     fig.measure("write_host", "write: host dd", Kind.RATE, short="host dd")
     fig.lines.append(Line("write_runm", ["write_runc", "write_host"]))
+    fig.lines.append(Line("write_runm9p", ["write_runm", "write_runc"]))
     true_runm = fig.measure("true_runm", "runm exec true (fixed overhead, as in figure 5)",
                             Kind.TIME)
     true_runc = fig.measure("true_runc", "native runc exec true", Kind.TIME)
@@ -489,15 +505,19 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     for name in names:
         if not (rootfs / name).exists():
             write_random(rootfs / name, size)
-    rid, nid = h.new_id("fs"), h.new_id("fs-runc")
+    rid, nid, pid9 = h.new_id("fs"), h.new_id("fs-runc"), h.new_id("fs-9p")
     h.track(runm_id=rid, runc_id=nid)
+    h.track(runm_id=pid9)
     try:
         started = h.timed(h.runm_cli("run", "-d", "--bundle", str(bundle), rid), rid)
         native = h.timed(h.runc_cli("run", "-d", "--bundle", str(bundle), nid), nid)
+        pooled = _pooled_run_d(h, bundle, pid9)
         log(f"[fs] runm run -d {_brief(started, fmt_value(Kind.TIME, started.wall))} | "
-            f"runc run -d {_brief(native, fmt_value(Kind.TIME, native.wall))}")
+            f"runc run -d {_brief(native, fmt_value(Kind.TIME, native.wall))} | "
+            f"runm run -d from the pool {_brief(pooled, fmt_value(Kind.TIME, pooled.wall))}")
         skipped = RunResult(error="not run: `run -d` failed")
         argvs = {"runm": (h.runm_cli("exec", rid), started.ok),
+                 "runm9p": (h.runm_cli("exec", pid9), pooled.ok),
                  "runc": (h.runc_cli("exec", nid), native.ok)}
 
         def run(who: str, argv: list[str]) -> RunResult:
@@ -517,7 +537,7 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
         for (counted, tag), name in zip(rounds, names, strict=True):
             dd = ["dd", f"if=/{name}", "of=/dev/null", "bs=1M"]
             got: dict[str, RunResult] = {}
-            for who in ("runm", "runc", "host"):
+            for who in ("runm", "runm9p", "runc", "host"):
                 drop_host_cache(rootfs / name)
                 got[f"cold_{who}"] = run(who, dd)
                 got[f"warm_{who}"] = run(who, dd)
@@ -548,6 +568,7 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
                     size / net / 1e6 if r.ok and t_runm.ok else None, r.error or t_runm.error)
     finally:
         h.timed(h.runm_cli("delete", "--force", rid), h.new_id("fs-delete"))
+        h.timed(h.runm_cli("delete", "--force", pid9), h.new_id("fs-delete"))
         h.timed(h.runc_cli("delete", "-f", nid), h.new_id("fs-runc-delete"))
         for name in names:
             with contextlib.suppress(OSError):
@@ -559,8 +580,26 @@ def fs_read(h: Harness, cfg: Config, log: Log = stderr_log) -> Figure:
     fig.notes.append("MB/s = 10^6 bytes over the exec's whole wall clock (for runm: CLI start, "
                      "agent round trip, dd in the guest reading over virtiofs); the `true` "
                      "rows are the same exec doing nothing")
-    fig.notes.append("9p: not available: Debian's cloud kernel has no 9p")
+    fig.notes.append("virtiofs: a VM restored from the snapshot with its own copy of the "
+                     "guest RAM (every start without a pool); 9p: a VM from the warm pool, a "
+                     "page-sharing clone of the snapshot (vhost-user cannot serve it)")
     return fig
+
+
+def _pooled_run_d(h: Harness, bundle: Path, cid: str) -> RunResult:
+    """`runm run -d` of bundle in a VM taken from a pool of 1 (drained after)."""
+    fill = h.pool("fill", "1")
+    if not fill.ok:
+        return RunResult(error=f"pool fill: {fill.error}")
+    log_file = h.work / f"{cid}.log"
+    res = h.timed(h.runm_cli("--log", str(log_file), "run", "-d", "--bundle", str(bundle),
+                             cid), cid)
+    drained = h.pool_drain()
+    with contextlib.suppress(OSError):
+        if res.ok and "taken from the pool" not in log_file.read_text():
+            res.error = "not taken from the pool"
+    res.error = res.error or drained
+    return res
 
 
 # -- 7. HTTP through a published port -------------------------------------------------------

@@ -153,6 +153,23 @@ def tree_pss(root: int) -> dict[str, int]:
 GUEST_RAM_MEMFD = "memfd:runm-guest-ram"
 
 
+def tcg_buffer_kb(pid: int, proc: Path = PROC) -> int:
+    """PSS (kB) of a QEMU's TCG translation buffer: its anonymous executable mappings (host
+    code translated from guest code; a KVM guest has none)."""
+    total, counting = 0, False
+    try:
+        text = (proc / str(pid) / "smaps").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
+            counting = len(fields) == 5 and "x" in fields[1]  # no path: anonymous
+        elif counting and fields[0] == "Pss:":
+            total += int(fields[1])
+    return total
+
+
 def guest_ram_unmapped_kb(pid: int, proc: Path = PROC) -> int:
     """kB of a restored guest's RAM memfd that are allocated but not mapped into QEMU.
 

@@ -422,3 +422,15 @@ def test_drop_page_cache_asks_the_kernel_for_level_1(tmp_path: Path) -> None:
     control.write_text("")
     sysapi.drop_page_cache(str(control))
     assert control.read_text() == "1"  # page cache only: dentries and inodes stay
+
+
+def test_turning_free_page_reporting_on_logs_a_failure_and_goes_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from runm.agent import service
+
+    def unbound(on: bool, bus: str = "") -> bool:
+        raise OSError(errno.ENOENT, "no virtio bus")
+
+    monkeypatch.setattr(service.sysapi, "set_free_page_reporting", unbound)
+    service.report_free_pages()  # no exception: freed memory is just not given back
+    assert "free page reporting: [Errno 2] no virtio bus" in caplog.text
