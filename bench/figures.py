@@ -595,9 +595,12 @@ def _pooled_run_d(h: Harness, bundle: Path, cid: str) -> RunResult:
     res = h.timed(h.runm_cli("--log", str(log_file), "run", "-d", "--bundle", str(bundle),
                              cid), cid)
     drained = h.pool_drain()
-    with contextlib.suppress(OSError):
-        if res.ok and "taken from the pool" not in log_file.read_text():
-            res.error = "not taken from the pool"
+    logs = ""  # a detached container's VM is started by its monitor, which has its own log
+    for path in (log_file, h.runm_root / cid / "monitor.log"):
+        with contextlib.suppress(OSError):
+            logs += path.read_text()
+    if res.ok and "taken from the pool" not in logs:
+        res.error = "not taken from the pool"
     res.error = res.error or drained
     return res
 
