@@ -229,9 +229,28 @@ def test_tasks_of_one_sandbox_share_a_vm(containerd: Containerd) -> None:
     assert wait_until(lambda: not shims(), timeout=15), f"shims left: {shims()}"
 
 
-def test_a_pods_containers_join_the_sandboxs_namespaces(containerd: Containerd) -> None:
+@pytest.fixture(params=["copy", "clone"])
+def restore_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A pod's VM restored with its own RAM copy (virtiofs shares), or as a page-sharing clone
+    (`[snapshot] clones = true` in the default config file, which the shims read: 9p)."""
+    config = Path("/etc/runm/config.toml")
+    if request.param == "clone":
+        if config.exists():
+            pytest.fail(f"{config} exists: the test would replace the host's runm config")
+        config.parent.mkdir(exist_ok=True)
+        config.write_text("[snapshot]\nclones = true\n")
+    try:
+        yield str(request.param)
+    finally:
+        if request.param == "clone":
+            config.unlink()
+
+
+def test_a_pods_containers_join_the_sandboxs_namespaces(containerd: Containerd,
+                                                        restore_kind: str) -> None:
     """CRI names the sandbox's namespaces by its task pid (QEMU's): in the VM they are the
-    sandbox container's."""
+    sandbox container's. The second container's bundle is added to the running VM: a virtiofs
+    share, or a bind in a clone's 9p export."""
     pod = ["--annotation", f"{SANDBOX_ID}=pod2"]
     containerd.ctr("run", "-d", *RUNTIME, *pod, containerd.image, "pod2", "sleep", "601",
                    timeout=180)
@@ -240,6 +259,8 @@ def test_a_pods_containers_join_the_sandboxs_namespaces(containerd: Containerd) 
                          f"pid:/proc/{pid}/ns/pid", containerd.image, "app2", "ps", "-o",
                          "args", timeout=180)
     assert "sleep 601" in app.stdout.splitlines()
+    mounts = Path(f"/proc/{pid}/mountinfo").read_text()  # QEMU's: a clone's binds are there
+    assert ("/9p/" in mounts) == (restore_kind == "clone"), mounts
     containerd.ctr("task", "kill", "-s", "SIGKILL", "pod2")
     assert wait_until(lambda: task_list(containerd)["pod2"][1] == "STOPPED", timeout=60)
     containerd.ctr("task", "delete", "pod2", timeout=60)

@@ -30,6 +30,7 @@ from tests.conftest import Runm
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
 
 RESTORED = "started from snapshot"
+CLONE = "as a page-sharing clone"
 FELL_BACK = "booting cold instead"
 
 
@@ -67,15 +68,22 @@ def probe_bundle(tmp_path: Path, name: str) -> Path:
 
 
 def test_restored_container_behaves_like_a_cold_booted_one(runm: Runm, tmp_path: Path) -> None:
+    """Cold, restored with its own RAM copy (virtiofs), and restored as a page-sharing clone
+    (`[snapshot] clones = true`: 9p, as pooled VMs are): the same output, exit code, mounts."""
+    clones = tmp_path / "clones.toml"
+    clones.write_text("[snapshot]\nclones = true\n")
     results = {}
-    for mode, flag in (("cold", "0"), ("restored", "1")):
+    for mode, flag in (("cold", "0"), ("restored", "1"), ("clone", "1")):
         env = {**runm.env, "RUNM_SNAPSHOT": flag}
+        if mode == "clone":
+            env["RUNM_CONFIG"] = str(clones)
         result, log = run_logged(runm, tmp_path, mode, probe_bundle(tmp_path, mode), env,
                                  input=b"stdin line\n")
-        assert (RESTORED in log) == (mode == "restored"), log
+        assert (RESTORED in log) == (mode != "cold"), log
         assert (tmp_path / f"{mode}-data" / "out").read_text() == "written\n"
+        assert (CLONE in log) == (mode == "clone"), log
         results[mode] = (result.returncode, result.stdout, result.stderr)
-    assert results["restored"] == results["cold"]
+    assert results["restored"] == results["cold"] == results["clone"]
     assert results["cold"][0] == 5
     assert results["cold"][1].decode().splitlines() == [
         "args: x y", "stdin line", "1", "in", "probe"]

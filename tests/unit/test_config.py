@@ -38,10 +38,13 @@ def test_a_missing_default_file_means_defaults(tmp_path: Path) -> None:
 def test_a_full_file_is_read(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("[vm]\nmemory_mib = 1024\ncpus = 1\noverhead_mib = 0\n"
-                    "max_memory_mib = 4096\nmax_cpus = 4\n[snapshot]\nenabled = false\n")
+                    "max_memory_mib = 4096\nmax_cpus = 4\n[snapshot]\nenabled = false\n"
+                    "clones = true\n")
     config = load_config(path, required=True)
     assert config.vm == VMDefaults(1024, 1, 0, 4096, 4)
     assert config.snapshots is False
+    assert config.clones is True
+    assert Config().clones is False
     assert config.pool_sizes() == {}
 
 
@@ -57,6 +60,8 @@ def test_pool_sizes_per_guest_memory_size(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text,message", [
     ("[vm]\nmemroy_mib = 1\n", "unknown key 'vm.memroy_mib'"),
     ("[network]\n", "unknown key 'network'"),
+    ("[snapshot]\nclones = 1\n", "snapshot.clones must be true or false, not 1"),
+    ("[snapshot]\nclone = true\n", "unknown key 'snapshot.clone' (known: clones, enabled)"),
     ("vm = 3\n", "vm must be a table"),
     ("[vm]\ncpus = -1\n", "vm.cpus must be an integer >= 0, not -1"),
     ("[vm]\ncpus = true\n", "vm.cpus must be an integer >= 0, not True"),

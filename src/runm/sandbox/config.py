@@ -49,6 +49,9 @@ class PoolTargets:
 class Config:
     vm: VMDefaults = VMDefaults()
     snapshots: bool = True  # [snapshot] enabled
+    # [snapshot] clones: every restored VM is a page-sharing clone (9p shares, no free page
+    # reporting), not only pooled ones (see docs/design.md, "Starting from a snapshot")
+    clones: bool = False
     pool: PoolTargets = PoolTargets()
     path: str = ""  # where it was read from ("" = built-in defaults)
 
@@ -99,16 +102,16 @@ def parse_config(data: dict[str, Any], where: str = "config") -> Config:
     if unknown:
         raise RunmError(f"{where}: unknown key {unknown[0]!r} (known: pool, snapshot, vm)")
     vm = VMDefaults()
-    snapshots = True
+    snapshots, clones = True, False
     if "vm" in data:
         vm = _parse_vm(_table(data, "vm", where), where)
     if "snapshot" in data:
-        snapshots = _parse_snapshot(_table(data, "snapshot", where), where)
+        snapshots, clones = _parse_snapshot(_table(data, "snapshot", where), where)
     pool = _parse_pool(_table(data, "pool", where), where) if "pool" in data else PoolTargets()
     if vm.memory_mib > vm.max_memory_mib:
         raise RunmError(f"{where}: vm.memory_mib ({vm.memory_mib}) is above vm.max_memory_mib "
                         f"({vm.max_memory_mib})")
-    return Config(vm=vm, snapshots=snapshots, pool=pool, path=where)
+    return Config(vm=vm, snapshots=snapshots, clones=clones, pool=pool, path=where)
 
 
 def _table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -132,13 +135,14 @@ def _parse_vm(table: dict[str, Any], where: str) -> VMDefaults:
     return VMDefaults(**values)
 
 
-def _parse_snapshot(table: dict[str, Any], where: str) -> bool:
+def _parse_snapshot(table: dict[str, Any], where: str) -> tuple[bool, bool]:
+    """(enabled, clones)."""
     for key, value in table.items():
-        if key != "enabled":
-            raise RunmError(f"{where}: unknown key 'snapshot.{key}' (known: enabled)")
+        if key not in ("enabled", "clones"):
+            raise RunmError(f"{where}: unknown key 'snapshot.{key}' (known: clones, enabled)")
         if not isinstance(value, bool):
-            raise RunmError(f"{where}: snapshot.enabled must be true or false, not {value!r}")
-    return bool(table.get("enabled", True))
+            raise RunmError(f"{where}: snapshot.{key} must be true or false, not {value!r}")
+    return bool(table.get("enabled", True)), bool(table.get("clones", False))
 
 
 def _parse_pool(table: dict[str, Any], where: str) -> PoolTargets:

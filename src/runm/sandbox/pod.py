@@ -186,11 +186,10 @@ class Pod:
         for share in shares:
             try:
                 await self.sandbox.vm.add_share(share)
-                await self.agent.mount(share.tag, share.guest_path, "virtiofs",
-                                       ["ro"] if share.readonly else [],
-                                       wait_ms=int(RESTORE_TIMEOUT * 1000))
-            except (VMError, TtrpcError, OSError) as err:
+            except (VMError, OSError) as err:
                 raise RunmError(f"sharing {share.host_path} with the VM: {err}") from None
+        # virtiofs, or in a page-sharing clone (a pooled VM) binds of its 9p export
+        await self.sandbox.mount_shares(shares, wait_ms=int(RESTORE_TIMEOUT * 1000))
 
     def container(self, cid: str) -> PodContainer:
         container = self.containers.get(cid)

@@ -190,11 +190,14 @@ class Sandbox:
             return
         if snapshot is not None:
             began = time.monotonic()
+            self.vm.config.clone = load_config().clones
             try:
                 await self._start(timings, restore=snapshot)
                 self.restored = True
-                log.info("VM %s started from snapshot %s in %.2fs", self.vm.config.name,
-                         snapshot.ram.parent, time.monotonic() - began)
+                log.info("VM %s started from snapshot %s%s in %.2fs", self.vm.config.name,
+                         snapshot.ram.parent,
+                         " as a page-sharing clone" if self.vm.is_clone else "",
+                         time.monotonic() - began)
                 return
             except (RunmError, VMError, OSError) as err:
                 log.warning("restoring VM snapshot %s failed, booting cold instead: %s",
