@@ -77,3 +77,47 @@ def test_private_copy_refuses_a_ram_file_of_the_wrong_size(tmp_path: Path) -> No
     ram.write_bytes(bytes(PAGE))
     with pytest.raises(VMError, match="expected 8192"):
         empty_ram_copy(ram, 2 * PAGE)
+
+
+def test_a_snapshot_that_loses_first_requests_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making a snapshot restores it once (_answers_first_request): one that loses the first
+    request of every restore is made again, up to MAKE_ATTEMPTS times, then kept."""
+    import asyncio
+
+    from runm.guest.image import GuestImage
+    from runm.sandbox import snapshot
+    from runm.vm.base import VMConfig
+    from runm.vm.qemu import QemuVM
+
+    image_dir = tmp_path / "image"
+    image_dir.mkdir()
+    image = GuestImage(image_dir / "vmlinux", image_dir / "initrd.img",
+                       image_dir / "rootfs.erofs", "d" * 64, "6.1.0-test")
+    config = VMConfig(name="c", kernel=image.kernel, initrd=image.initrd, rootfs=image.rootfs,
+                      run_dir=tmp_path / "run", memory_mib=1)
+    made: list[Path] = []
+
+    async def make(image: GuestImage, like: VMConfig, accel: str, folder: Path,
+                   run_base: Path) -> None:
+        assert not (folder / "ram").exists(), "a remake starts from nothing"
+        made.append(folder)
+        (folder / "ram").write_bytes(bytes(1 << 20))
+        (folder / "state").write_bytes(b"state")
+
+    answers: list[bool] = []
+
+    async def check(*args: object) -> bool:
+        return answers.pop(0)
+
+    monkeypatch.setattr(snapshot, "_make_snapshot", make)
+    monkeypatch.setattr(snapshot, "_answers_first_request", check)
+    for answered, attempts in (([False, True], 2), ([False] * 5, snapshot.MAKE_ATTEMPTS)):
+        made.clear()
+        answers[:] = answered
+        files = asyncio.run(snapshot.ensure_snapshot(image, QemuVM(config), "tcg",
+                                                     tmp_path / "runbase"))
+        assert len(made) == attempts
+        assert files.ram.read_bytes() == bytes(1 << 20)
+        assert snapshot.find_snapshot(image, QemuVM(config), "tcg") == files
+        snapshot.discard_snapshot(files)
