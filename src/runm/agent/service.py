@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from runm.agent import callernic, sysapi
 from runm.agent import stdio as stdio_copy
-from runm.agent.pid1 import mounts as current_mounts
 from runm.agent.reaper import Reaper
 from runm.agent.runc import Runc, RuncError, read_pid_file, remove_tree
 from runm.agent.specadapt import write_guest_bundle
@@ -167,14 +166,15 @@ class AgentService:
             sysapi.add_entropy(req.entropy)
             if req.time_ns:  # the host's second Setup
                 self._cancel_reporting_on()
-            if req.time_ns and req.report_free_pages:
-                # Binding the balloon driver takes ~0.05-0.1 s of CPU under TCG, and reporting
-                # starts with every page free at that time: later, off the start's critical
-                # path (at 1 s it slowed `runc run`). Turning it off is never needed here:
-                # snapshots are saved with it off, and with this timer cancelled.
-                loop = asyncio.get_running_loop()
-                self._reporting_on = loop.call_later(REPORTING_DELAY, loop.run_in_executor,
-                                                     None, report_free_pages)
+                if req.report_free_pages:
+                    # Binding the balloon driver takes ~0.05-0.1 s of CPU under TCG, and
+                    # reporting starts with every page free at that time: later, off the
+                    # start's critical path (at 1 s it slowed `runc run`). Turning it off is
+                    # never needed here: snapshots are saved with it off and this timer
+                    # cancelled.
+                    loop = asyncio.get_running_loop()
+                    self._reporting_on = loop.call_later(
+                        REPORTING_DELAY, loop.run_in_executor, None, report_free_pages)
             if req.hostname:
                 socket.sethostname(req.hostname)
         return api.SetupResponse(kernel_release=os.uname().release, agent_pid=os.getpid())
@@ -187,8 +187,6 @@ class AgentService:
     async def mount(self, req: api.MountRequest, ctx: CallContext) -> api.Empty:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait_ms / 1000
-        if (req.source, req.target, req.fstype) in current_mounts():
-            return api.Empty()  # a pooled guest's 9p export, mounted by its warm-up
         try:
             os.makedirs(req.target, exist_ok=True)
             while True:

@@ -307,10 +307,11 @@ class Keeper:
 async def _prepare(sandbox: Sandbox, snapshot: SnapshotFiles) -> list[int]:
     """Restore and warm up the VM; its agent and stdio connections.
 
-    The warm-up goes the way of a real start: a busybox bundle, hot-plugged as a virtiofs
-    share, run with `runc run`. Then the share is unplugged again, leaving the taker every
-    hot-plug port and the guest every code path translated (hot-plug and mount took 0.12 s
-    in a start from the pool when the warm-up ran from the guest's own disk, 0.02 s now)."""
+    The VM is a page-sharing clone of the snapshot, so its shares go over 9p. The warm-up
+    goes the way of a real start: the 9p device hot-plugged and mounted, a busybox bundle
+    bound into its export and run with `runc run`. Then the bundle is unbound again; the 9p
+    device and its guest mount stay for the taker, and the guest has every code path of a
+    start translated."""
     from runm.sandbox.sandbox import RESTORE_TIMEOUT
     from runm.sandbox.spec import make_busybox_bundle
 

@@ -152,6 +152,7 @@ class Sandbox:
         self.restored = False  # started from a snapshot rather than a cold boot
         self.pooled = False  # taken from the warm pool (restored and warmed up in advance)
         self._refill_due = False  # this start asked the pool for a member: see refill_pool
+        self._export_mounted = False  # a clone's 9p export is mounted in the guest
         self.progress: Callable[[str], None] | None = None
 
     @classmethod
@@ -289,6 +290,7 @@ class Sandbox:
         try:
             if adopt:
                 await self.vm.attach(adopt)
+                self._export_mounted = self.vm.is_clone  # by the keeper's warm-up
             else:
                 await self.vm.start(connect_ports)
         except (VMError, OSError) as err:
@@ -333,15 +335,16 @@ class Sandbox:
         return share.tag, "virtiofs", ["ro"] if share.readonly else []
 
     async def mount_export(self, wait_ms: int) -> None:
-        """A clone's 9p export, at NINEP_ROOT in the guest (once: the agent skips a mount
-        that is there, such as the one a pooled guest's warm-up made)."""
+        """A clone's 9p export, at NINEP_ROOT in the guest, once (a pooled guest's warm-up
+        mounted it already)."""
         assert self.agent is not None
-        if not self.vm.is_clone:
+        if not self.vm.is_clone or self._export_mounted:
             return
         try:
             await self.agent.mount(NINEP_TAG, NINEP_ROOT, "9p", NINEP_OPTIONS, wait_ms)
         except TtrpcError as err:
             raise RunmError(f"mounting the VM's 9p export in the guest: {err}") from None
+        self._export_mounted = True
 
     async def mount_shares(self, shares: list[Share], wait_ms: int) -> None:
         """Mount shares at their guest paths (hot-plugged: wait up to wait_ms for them)."""
@@ -360,6 +363,7 @@ class Sandbox:
         self.vm.kill()
         await self._close_channels()
         self.vm = QemuVM(self.vm.config)
+        self._export_mounted = False
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop the VM and remove every trace. Once the agent has answered Shutdown, every

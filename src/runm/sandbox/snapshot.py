@@ -222,7 +222,7 @@ async def _answers_first_request(image: GuestImage, like: VMConfig, accel: str, 
         return False
     finally:
         vm.kill()
-        for stream in streams[1:]:
+        for stream in streams:  # idempotent: the client closed the first if it got one
             await stream.aclose()
         vm.remove_run_dir()
 

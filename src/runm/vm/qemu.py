@@ -368,7 +368,7 @@ class QemuVM(VirtualMachine):
 
     async def remove_share(self, share: Share) -> None:
         """Unplug the last hot-plugged share (the guest has unmounted it) and end its
-        virtiofsd: the VM is as before add_share."""
+        virtiofsd (in a clone: unbind it from the 9p export): the VM is as before add_share."""
         if self.is_clone:
             from runm.vm import nsmount
 
