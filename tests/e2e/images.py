@@ -89,7 +89,7 @@ def build_busybox_image(path: Path, ref: str = DEFAULT_REF) -> Path:
     """
     path = Path(path)
     key = (path.resolve(), ref)
-    if key in _built and path.is_file() and _sha256_file(path) == _built[key]:
+    if key in _built and path.is_file() and sha256_file(path) == _built[key]:
         return path
 
     layer = busybox_layer()
@@ -119,7 +119,7 @@ def build_busybox_image(path: Path, ref: str = DEFAULT_REF) -> Path:
         _add_file(tar, "manifest.json", json.dumps(manifest).encode())
         _add_file(tar, "repositories", json.dumps(repositories).encode())
     tmp.replace(path)
-    _built[key] = _sha256_file(path)
+    _built[key] = sha256_file(path)
     return path
 
 
@@ -132,6 +132,6 @@ def image_id(path: Path) -> str:
     return "sha256:" + Path(config_name).stem
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

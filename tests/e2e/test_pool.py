@@ -13,6 +13,7 @@ import pytest
 
 from runm.sandbox.spec import make_busybox_bundle
 from tests.conftest import Runm, vm_processes, wait_until
+from tests.e2e.images import sha256_file
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_image", "no_leaks")]
 
@@ -102,13 +103,6 @@ def snapshot_ram_mapping(qemu_pid: int) -> tuple[Path, dict[str, int]]:
     return path, fields
 
 
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def test_pooled_vms_share_the_snapshot_pages_and_never_write_them(runm: Runm,
                                                                   tmp_path: Path) -> None:
     """Pooled VMs map the snapshot's RAM copy-on-write: two of them share its pages in the
@@ -124,7 +118,7 @@ def test_pooled_vms_share_the_snapshot_pages_and_never_write_them(runm: Runm,
         assert mappings[1][0] == ram
         for _, fields in mappings:  # the pages both read (kernel, agent, runc) are shared
             assert fields["Shared_Clean"] > 16 * 1024, fields
-        before = sha256_of(ram)
+        before = sha256_file(ram)
         b = make_busybox_bundle(tmp_path / "b", ["sh", "-c",
             "dd if=/dev/zero of=/dev/shm/x bs=1M count=64 2>/dev/null && rm /dev/shm/x && "
             "ls /sys/bus/virtio/drivers/virtio_balloon/"])
@@ -133,7 +127,7 @@ def test_pooled_vms_share_the_snapshot_pages_and_never_write_them(runm: Runm,
         assert result.returncode == 0, result.stderr.decode()
         assert TAKEN in log.read_text()
         assert b"virtio" not in result.stdout, "free page reporting must be off in a clone"
-        assert sha256_of(ram) == before
+        assert sha256_file(ram) == before
     finally:
         assert runm.run("pool", "drain").returncode == 0
         assert wait_until(lambda: not pool_members(runm), timeout=60)

@@ -82,14 +82,6 @@ def test_mounted_targets_lists_mount_points() -> None:
     assert all(t.startswith("/") for t in targets)
 
 
-def test_mounts_gives_source_target_and_type(tmp_path: Path) -> None:
-    assert ("proc", "/proc", "proc") in pid1.mounts()
-    table = tmp_path / "mounts"
-    table.write_text("runm9p /run/runm-9p 9p rw,mmap 0 0\nbroken\n")
-    assert pid1.mounts(str(table)) == {("runm9p", "/run/runm-9p", "9p")}
-    assert pid1.mounts(str(tmp_path / "missing")) == set()
-
-
 def fake_virtio_bus(root: Path, bound: bool) -> Path:
     """A sysfs virtio bus with a console (0x0003) and a balloon (0x0005) device."""
     driver = root / "drivers" / "virtio_balloon"
