@@ -13,7 +13,6 @@ container as it would under runc.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import json
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runm.errors import RunmError
+from runm.libc import check, libc
 from runm.records import record
 
 log = logging.getLogger(__name__)
@@ -234,12 +234,9 @@ def in_netns(netns: str, action: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
             ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                if libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns: {os.strerror(err)}")
+                check(libc.setns(ns_fd, CLONE_NEWNET), "setns")
             finally:
                 os.close(ns_fd)
             result.append(action())

@@ -108,10 +108,8 @@ FALLOC_FL_PUNCH_HOLE = 2
 def punch_zero_pages(fd: int, chunk: int = 2 << 20) -> int:
     """Turn every all-zero page of the file into a hole; return the bytes freed. Restores
     copy only data extents, so this is RAM (and copy time) saved in every restored VM."""
-    import ctypes  # only here: a start does not need it
+    from runm.libc import check, libc  # ctypes only here: a start does not need it
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     zero_chunk = bytes(chunk)
     runs: list[tuple[int, int]] = []  # (start, end) of zero pages, merged
 
@@ -135,10 +133,8 @@ def punch_zero_pages(fd: int, chunk: int = 2 << 20) -> int:
             offset += len(block)
     freed = 0
     for start, end in runs:
-        if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start,
-                          end - start) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"punching holes in the snapshot RAM: {os.strerror(err)}")
+        check(libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start,
+                             end - start), "punching holes in the snapshot RAM")
         freed += end - start
     return freed
 

@@ -20,6 +20,9 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from runm.libc import check as _check
+from runm.libc import libc as _libc
+
 # x86_64 and aarch64 share these numbers (the unified syscall table of Linux >= 5.1).
 _SYS_OPEN_TREE = 428
 _SYS_MOVE_MOUNT = 429
@@ -34,17 +37,6 @@ _CLONE_NEWNS = 0x20000
 _MS_REC = 0x4000
 _MS_SLAVE = 1 << 19
 _MNT_DETACH = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
 
 def new_namespace() -> None:
     """In a child about to exec: a mount namespace of its own whose mounts stay in it."""

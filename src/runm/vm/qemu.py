@@ -71,9 +71,9 @@ def virtiofsd_binary() -> str:
 def _die_with_parent() -> Callable[[], None]:
     """A preexec_fn: SIGKILL the child when this process dies (checked against a fork race).
     ctypes is loaded here, in the parent, and only by the paths that start processes."""
-    import ctypes
+    from runm.libc import libc
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl = libc.prctl
     parent = os.getpid()
 
     def preexec() -> None:
@@ -414,23 +414,27 @@ class QemuVM(VirtualMachine):
                 raise VMError(f"sharing {share.host_path}: {err.strerror}") from None
             return
         index = self.config.shares.index(share)
-        port = self._hotplugged
-        if port >= HOTPLUG_ROOT_PORTS:
-            raise VMError(f"cannot hot-plug more than {HOTPLUG_ROOT_PORTS} shares")
+        bus = self._free_root_port("shares")
         self._start_virtiofsd(index, share)
         address = {"type": "unix", "data": {"path": str(self._virtiofsd_socket(index))}}
         await self.qmp("chardev-add", id=f"fs{index}",
                        backend={"type": "socket", "data": {"addr": address, "server": False}})
         await self.qmp("device_add", driver="vhost-user-fs-pci", id=f"fsdev{index}",
-                       chardev=f"fs{index}", tag=share.tag, bus=f"hp{port}",
+                       chardev=f"fs{index}", tag=share.tag, bus=bus,
                        **{"queue-size": 1024})
         self._hotplugged += 1
+
+    def _free_root_port(self, what: str) -> str:
+        """The bus of the next free reserved root port (taken once the device is added)."""
+        if self._hotplugged >= HOTPLUG_ROOT_PORTS:
+            raise VMError(f"cannot hot-plug more than {HOTPLUG_ROOT_PORTS} {what}")
+        return f"hp{self._hotplugged}"
 
     async def _hotplug_9p(self) -> None:
         """Plug a clone's 9p device (its export is on the command line) into the first
         reserved root port; the shares are bind mounts in its export from then on."""
         await self.qmp("device_add", driver="virtio-9p-pci", id=NINEP_ID, fsdev=NINEP_ID,
-                       mount_tag=NINEP_TAG, bus=f"hp{self._hotplugged}")
+                       mount_tag=NINEP_TAG, bus=self._free_root_port("devices"))
         self._hotplugged += 1
 
     @staticmethod
@@ -439,13 +443,11 @@ class QemuVM(VirtualMachine):
 
     async def _hotplug_tap(self, tap: TapNic) -> None:
         """Attach the tap NIC to the running guest, into the next free reserved root port."""
-        port = self._hotplugged
-        if port >= HOTPLUG_ROOT_PORTS:
-            raise VMError(f"cannot hot-plug more than {HOTPLUG_ROOT_PORTS} devices")
+        bus = self._free_root_port("devices")
         await self.qmp_passing([tap.fd], "getfd", fdname=TAP_NETDEV)
         await self.qmp("netdev_add", type="tap", id=TAP_NETDEV, fd=TAP_NETDEV)
         await self.qmp("device_add", driver="virtio-net-pci", id=f"{TAP_NETDEV}nic",
-                       netdev=TAP_NETDEV, mac=tap.mac, bus=f"hp{port}", romfile="")
+                       netdev=TAP_NETDEV, mac=tap.mac, bus=bus, romfile="")
         self._hotplugged += 1
 
     async def _migration(self, command: str, uri: str) -> None:
